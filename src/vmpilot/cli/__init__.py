@@ -1,0 +1,5 @@
+"""The `vmpilot` command."""
+
+from .main import main
+
+__all__ = ["main"]

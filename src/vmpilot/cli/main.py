@@ -1,0 +1,38 @@
+"""Entry point of the `vmpilot` command: argparse, one clear line per error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import VMError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmpilot", description="Launch QEMU VMs, talk to them, shut them down as asked."
+    )
+    parser.add_argument("--version", action="version", version=f"vmpilot {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        rc: int = args.func(args)
+    except VMError as exc:
+        if args.debug:
+            raise
+        print(f"vmpilot: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return rc

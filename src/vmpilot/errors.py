@@ -1,0 +1,95 @@
+"""One exception tree for the whole library (see DESIGN.md, "Errors").
+
+Every message says what was asked, what happened, and where to look, so that a
+failing test's traceback is enough to understand what QEMU did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def _clip(data: bytes, limit: int = 200) -> bytes:
+    return data if len(data) <= limit else data[:limit] + b"...(%d bytes)" % len(data)
+
+
+class VMError(Exception):
+    """Base of every error vmpilot raises on purpose."""
+
+
+class LaunchError(VMError):
+    """QEMU did not come up: carries the argv, how it ended and what it printed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: Sequence[str] = (),
+        exit_code: int | None = None,
+        exit_signal: int | None = None,
+        log: str = "",
+        log_path: str | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.exit_code = exit_code
+        self.exit_signal = exit_signal
+        self.log = log
+        self.log_path = log_path
+        parts = [message]
+        if self.argv:
+            parts.append("argv: " + " ".join(self.argv))
+        if log.strip():
+            parts.append("QEMU said:\n" + log.rstrip()[-4000:])
+        if log_path:
+            parts.append(f"log: {log_path}")
+        super().__init__("\n".join(parts))
+
+
+class QMPError(VMError):
+    """Anything that went wrong talking QMP."""
+
+
+class ProtocolError(QMPError):
+    """The peer broke the protocol; `data` holds the offending bytes (clipped)."""
+
+    def __init__(self, message: str, data: bytes = b"") -> None:
+        self.data = _clip(data)
+        self.items: list[Any] = []  # complete items parsed before the violation
+        super().__init__(f"{message}: {self.data!r}" if data else message)
+
+
+class CommandError(QMPError):
+    """QEMU answered a command with an error reply."""
+
+    def __init__(
+        self, command: str, arguments: dict[str, Any] | None, error_class: str, desc: str
+    ) -> None:
+        self.command = command
+        self.arguments = arguments
+        self.error_class = error_class
+        self.desc = desc
+        args = f" {arguments!r}" if arguments else ""
+        super().__init__(f"{command}{args} failed: {error_class}: {desc}")
+
+
+class Disconnected(QMPError):
+    """The connection is gone (or was never there); nothing more can be sent."""
+
+
+class Timeout(VMError, TimeoutError):
+    """A wait ran out of time; the message says what was awaited and for how long."""
+
+    def __init__(self, what: str, timeout: float | None) -> None:
+        self.what = what
+        self.timeout = timeout
+        after = f"after {timeout:g} s " if timeout is not None else ""
+        super().__init__(f"timed out {after}waiting for {what}")
+
+
+class AbnormalShutdown(VMError):
+    """A graceful shutdown (or an expected exit) did not happen; the VM was killed."""
+
+
+class GuestError(VMError):
+    """The guest (console, agent) did not behave as expected."""

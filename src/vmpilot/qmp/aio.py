@@ -1,0 +1,512 @@
+"""An asyncio QMP client over the same sans-I/O core.
+
+The socket is read by a loop reader callback (no task, no stream objects):
+each chunk goes through the core and replies complete their futures at once.
+Many commands can be in flight; every future we create is awaited by the call
+that made it, so no exception is ever left unretrieved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from collections.abc import Generator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .._util.deadline import Deadline
+from ..errors import Disconnected, ProtocolError, Timeout
+from . import _transport
+from .events import EventLog, Listener, NameFilter, describe, event_matches
+from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, QMPProtocol, Reply
+from .sync import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, TimeoutArg
+
+_RECV = 65536
+_T = TypeVar("_T")
+_EventWaiter = tuple[NameFilter, "Mapping[str, Any] | None", "asyncio.Future[Event]"]
+
+
+class AsyncQMPClient:
+    """Asyncio QMP client bound to the running loop.
+
+    Use `await AsyncQMPClient.connect(address)` or
+    `async with AsyncQMPClient.connect(address) as qmp:`.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        history: int = 1000,
+        max_line: int = DEFAULT_MAX_LINE,
+        name: str = "",
+    ) -> None:
+        Deadline(timeout)  # validates
+        self.timeout = timeout
+        self.name = name or _transport.describe(sock)
+        self._loop = asyncio.get_running_loop()
+        self._sock: socket.socket | None = sock
+        self._fd = sock.fileno()
+        sock.setblocking(False)
+        self._core = QMPProtocol(max_line=max_line)
+        self._events = EventLog(history)
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._event_waiters: list[_EventWaiter] = []
+        self._greeting: asyncio.Future[Greeting] = self._loop.create_future()
+        self._wbuf: collections.deque[tuple[memoryview, Sequence[int]]] = collections.deque()
+        self._closed_reason: str | None = None
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    # -- connecting -------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls,
+        address: _transport.Address,
+        *,
+        negotiate: bool = True,
+        oob: bool = False,
+        connect_timeout: float | None = CONNECT_TIMEOUT,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        history: int = 1000,
+        max_line: int = DEFAULT_MAX_LINE,
+    ) -> _Connecting:
+        """Connect, read the greeting and (by default) negotiate capabilities.
+
+        Await the result, or use it directly in `async with`.
+        """
+        return _Connecting(
+            cls._connect(address, negotiate, oob, connect_timeout, timeout, history, max_line)
+        )
+
+    @classmethod
+    async def _connect(
+        cls,
+        address: _transport.Address,
+        negotiate: bool,
+        oob: bool,
+        connect_timeout: float | None,
+        timeout: float | None,
+        history: int,
+        max_line: int,
+    ) -> AsyncQMPClient:
+        deadline = Deadline(connect_timeout)
+        name = _transport.describe(address)
+        if isinstance(address, (socket.socket, int)):
+            sock = _transport.adopt(address)
+        else:
+            sock = await _connect(address, deadline, name)
+        client = cls(sock, timeout=timeout, history=history, max_line=max_line, name=name)
+        try:
+            await client.read_greeting(timeout=deadline.remaining())
+            if negotiate:
+                await client.negotiate(oob=oob, timeout=deadline.remaining())
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def read_greeting(self, *, timeout: TimeoutArg = ...) -> Greeting:
+        return await self._wait(self._greeting, self._deadline(timeout), "the QMP greeting", True)
+
+    async def negotiate(self, *, oob: bool = False, timeout: TimeoutArg = ...) -> None:
+        """Send `qmp_capabilities` (enabling OOB if asked) and wait for the answer."""
+        deadline = self._deadline(timeout)
+        await self.read_greeting(timeout=deadline.remaining())
+        self._check_open()
+        id_, data = self._core.negotiate(["oob"] if oob else [])
+        await self._roundtrip(id_, data, (), deadline, "qmp_capabilities")
+
+    @property
+    def greeting(self) -> Greeting | None:
+        return self._core.greeting
+
+    # -- commands ---------------------------------------------------------
+
+    async def execute(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: TimeoutArg = ...,
+    ) -> Any:
+        """Run command `name`; return its `return` value or raise `CommandError`."""
+        return await self._execute(name, arguments, False, (), timeout)
+
+    async def execute_oob(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: TimeoutArg = ...,
+    ) -> Any:
+        """Run `name` out-of-band (needs `oob=True` at connect)."""
+        return await self._execute(name, arguments, True, (), timeout)
+
+    async def send_fd(self, fd: int, fdname: str, *, timeout: TimeoutArg = ...) -> None:
+        """Pass `fd` to QEMU under `fdname` (SCM_RIGHTS + `getfd`)."""
+        fds = (_transport.check_fd(fd),)
+        await self._execute("getfd", {"fdname": fdname}, False, fds, timeout)
+
+    async def add_fd(
+        self,
+        fd: int,
+        *,
+        fdset_id: int | None = None,
+        opaque: str | None = None,
+        timeout: TimeoutArg = ...,
+    ) -> dict[str, Any]:
+        """Add `fd` to an fd set (`add-fd`); returns `{"fdset-id": N, "fd": M}`."""
+        args: dict[str, Any] = {}
+        if fdset_id is not None:
+            args["fdset-id"] = fdset_id
+        if opaque is not None:
+            args["opaque"] = opaque
+        fds = (_transport.check_fd(fd),)
+        result: dict[str, Any] = await self._execute("add-fd", args, False, fds, timeout)
+        return result
+
+    async def _execute(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        oob: bool,
+        fds: Sequence[int],
+        timeout: TimeoutArg,
+    ) -> Any:
+        deadline = self._deadline(timeout)
+        self._check_open()
+        id_, data = self._core.send_command(name, arguments, oob=oob)
+        return await self._roundtrip(id_, data, fds, deadline, name)
+
+    async def _roundtrip(
+        self, id_: int, data: bytes, fds: Sequence[int], deadline: Deadline, name: str
+    ) -> Any:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._waiters[id_] = fut
+        try:
+            self._write(data, fds, name)
+            return await self._wait(fut, deadline, f"the reply to {name!r}", True)
+        finally:
+            if self._waiters.pop(id_, None) is not None:
+                self._core.abandon(id_)  # cancelled by the caller: drop a late reply
+
+    async def _wait(
+        self, fut: asyncio.Future[_T], deadline: Deadline, what: str, fatal: bool
+    ) -> _T:
+        """Await `fut` until `deadline`; on timeout fail it with `Timeout` and,
+        if `fatal`, break the connection (an unanswered command poisons it)."""
+        remaining = deadline.remaining()
+        if remaining is None or fut.done():
+            return await fut
+
+        def expire() -> None:
+            if not fut.done():
+                fut.set_exception(Timeout(what, deadline.timeout))
+                if fatal:
+                    self._lost(f"no answer within {deadline.timeout:g} s while waiting for {what}")
+
+        handle = self._loop.call_later(remaining, expire)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+
+    # -- writing ----------------------------------------------------------
+
+    def _write(self, data: bytes, fds: Sequence[int], name: str) -> None:
+        sock = self._sock
+        if sock is None:
+            raise Disconnected(f"QMP connection to {self.name} is closed ({self._closed_reason})")
+        if self._wbuf:
+            self._wbuf.append((memoryview(data), fds))
+            return
+        try:
+            sent = _transport.sendmsg_fds(sock, data, fds) if fds else sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(f"sending {name!r} failed: {exc}")
+            raise Disconnected(f"cannot send {name!r} to {self.name}: {exc}") from exc
+        if sent < len(data):
+            self._wbuf.append((memoryview(data)[sent:], () if sent else fds))
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        sock = self._sock
+        while self._wbuf and sock is not None:
+            view, fds = self._wbuf[0]
+            try:
+                sent = _transport.sendmsg_fds(sock, view, fds) if fds else sock.send(view)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(f"send failed: {exc}")
+                return
+            if sent < len(view):
+                self._wbuf[0] = (view[sent:], ())
+                return
+            self._wbuf.popleft()
+        if sock is not None:
+            self._loop.remove_writer(self._fd)
+
+    # -- reading ----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            data = sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""  # the peer went away with our data unread: same as EOF
+        except OSError as exc:
+            self._lost(f"receive failed: {exc}")
+            return
+        if not data:
+            self._lost("QEMU quit" if self._core.quit_sent else "the peer closed it")
+            return
+        try:
+            items = self._core.receive_data(data)
+        except ProtocolError as exc:
+            self._dispatch(exc.items)
+            self._lost(f"protocol error: {exc}", exc)
+            return
+        self._dispatch(items)
+
+    def _dispatch(self, items: list[Item]) -> None:
+        for item in items:
+            if isinstance(item, Reply):
+                fut = self._waiters.pop(item.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(item.value)
+            elif isinstance(item, ErrorReply):
+                fut = self._waiters.pop(item.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(item.error())
+            elif isinstance(item, Event):
+                self._on_event(item)
+            elif not self._greeting.done():
+                self._greeting.set_result(item)
+
+    def _on_event(self, event: Event) -> None:
+        self._events.notify(event)
+        for i, (name, match, fut) in enumerate(self._event_waiters):
+            if not fut.done() and event_matches(event, name, match):
+                del self._event_waiters[i]
+                fut.set_result(event)
+                return
+        self._events.push(event)
+
+    # -- events -----------------------------------------------------------
+
+    async def wait_event(
+        self,
+        name: NameFilter = None,
+        match: Mapping[str, Any] | None = None,
+        *,
+        timeout: TimeoutArg = ...,
+    ) -> Event:
+        """Return (and consume) the oldest event matching `name`/`match`,
+        waiting for one if none has arrived yet."""
+        deadline = self._deadline(timeout)
+        event = self._events.take(name, match)
+        if event is not None:
+            return event
+        what = describe(name, match)
+        if self._sock is None:
+            raise Disconnected(
+                f"QMP connection to {self.name} is closed ({self._closed_reason}); "
+                f"no {what} arrived"
+            )
+        fut: asyncio.Future[Event] = self._loop.create_future()
+        waiter = (name, match, fut)
+        self._event_waiters.append(waiter)
+        try:
+            event = await self._wait(fut, deadline, what, False)
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._events.queue.appendleft(fut.result())  # delivered as we were cancelled
+            raise
+        finally:
+            if waiter in self._event_waiters:
+                self._event_waiters.remove(waiter)
+        return event
+
+    def events(self, *, timeout: TimeoutArg = ...) -> _EventIterator:
+        """`async for` over events as they arrive (consuming them) until the
+        connection closes; each wait is bounded by `timeout` (raises `Timeout`)."""
+        return _EventIterator(self, timeout)
+
+    def get_events(self) -> list[Event]:
+        """The events received and not consumed yet (consumes them)."""
+        return self._events.drain()
+
+    def clear_events(self) -> None:
+        self._events.drain()
+
+    @property
+    def dropped_events(self) -> int:
+        return self._events.dropped
+
+    def add_listener(
+        self, callback: Listener, name: NameFilter = None, match: Mapping[str, Any] | None = None
+    ) -> object:
+        """Call `callback(event)` for each matching event as it arrives."""
+        return self._events.add_listener(callback, name, match)
+
+    def remove_listener(self, handle: object) -> None:
+        self._events.remove_listener(handle)
+
+    # -- closing ----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    @property
+    def closed_reason(self) -> str | None:
+        return self._closed_reason
+
+    def close(self) -> None:
+        """Close at once (no await needed); calls in flight fail with `Disconnected`."""
+        self._lost("closed by the client")
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def _lost(self, reason: str, error: BaseException | None = None) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._closed_reason = reason
+        self._loop.remove_reader(self._fd)
+        if self._wbuf:
+            self._wbuf.clear()
+            self._loop.remove_writer(self._fd)
+        sock.close()
+        quit_id = self._core.quit_id if error is None else None
+        self._core.close()
+
+        def gone(what: str) -> Disconnected:
+            exc = Disconnected(f"QMP connection to {self.name} closed ({reason}) {what}")
+            exc.__cause__ = error
+            return exc
+
+        waiters, self._waiters = self._waiters, {}
+        for id_, fut in waiters.items():
+            if fut.done():
+                continue
+            if id_ == quit_id:
+                fut.set_result({})  # QEMU went away before answering quit: success
+            else:
+                fut.set_exception(gone("before the reply came"))
+        if not self._greeting.done():
+            self._greeting.set_exception(gone("before the greeting"))
+        ev_waiters, self._event_waiters = self._event_waiters, []
+        for name, match, efut in ev_waiters:
+            if not efut.done():
+                efut.set_exception(gone(f"while waiting for {describe(name, match)}"))
+
+    def _check_open(self) -> None:
+        if self._sock is None:
+            raise Disconnected(f"QMP connection to {self.name} is closed ({self._closed_reason})")
+
+    def _deadline(self, timeout: TimeoutArg) -> Deadline:
+        return Deadline(self.timeout if timeout is ... else timeout)
+
+    async def __aenter__(self) -> AsyncQMPClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._closed_reason}" if self._sock is None else "open"
+        return f"<AsyncQMPClient {self.name} {state}>"
+
+
+class _Connecting:
+    """What `AsyncQMPClient.connect()` returns: awaitable, or an async context manager."""
+
+    def __init__(self, coro: Any) -> None:
+        self._coro = coro
+        self._client: AsyncQMPClient | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncQMPClient]:
+        return self._coro.__await__()  # type: ignore[no-any-return]
+
+    async def __aenter__(self) -> AsyncQMPClient:
+        self._client = await self._coro
+        return self._client
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+class _EventIterator:
+    def __init__(self, client: AsyncQMPClient, timeout: TimeoutArg) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    def __aiter__(self) -> _EventIterator:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self._client.wait_event(timeout=self._timeout)
+        except Disconnected:
+            raise StopAsyncIteration from None
+
+
+async def _connect(address: _transport.Address, deadline: Deadline, name: str) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    errors: list[str] = []
+    for family, sockaddr in _transport.targets(address):
+        infos: list[tuple[int, Any]]
+        if family == socket.AF_UNIX:
+            infos = [(family, sockaddr)]
+        else:
+            assert isinstance(sockaddr, tuple)
+            host, port = sockaddr
+            try:
+                infos = [
+                    (fam, sa)
+                    for fam, _, _, _, sa in await loop.getaddrinfo(
+                        host, port, family=family, type=socket.SOCK_STREAM
+                    )
+                ]
+            except OSError as exc:
+                errors.append(f"{host}: {exc}")
+                continue
+        for fam, sa in infos:
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, sa), deadline.remaining())
+                return sock
+            except asyncio.TimeoutError:
+                sock.close()
+                raise Timeout(f"connecting to {name}", deadline.timeout) from None
+            except OSError as exc:
+                sock.close()
+                errors.append(f"{sa}: {exc.strerror or exc}")
+            except BaseException:
+                sock.close()
+                raise
+    raise Disconnected(f"cannot connect to QMP at {name}: " + "; ".join(errors))

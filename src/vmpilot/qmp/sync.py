@@ -1,0 +1,395 @@
+"""A blocking QMP client: one socket, no threads, no event loop.
+
+It reads only while a call waits (for a reply or an event), so an idle client
+costs nothing. Thread-safe: calls are serialised by a lock, and `close()` from
+another thread wakes a blocked call at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from types import EllipsisType, TracebackType
+from typing import Any
+
+from .._util.deadline import Deadline
+from ..errors import Disconnected, ProtocolError, Timeout
+from . import _transport
+from .events import EventLog, Listener, NameFilter, describe
+from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, QMPProtocol, Reply
+
+DEFAULT_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
+_RECV = 65536
+
+TimeoutArg = float | None | EllipsisType
+
+
+class QMPClient:
+    """Blocking QMP client over a connected socket.
+
+    Use `QMPClient.connect(address)` for a path, `host:port`, socket or fd.
+    `timeout` is the default for every call; pass `timeout=None` to a call to
+    wait without limit (only when you mean it).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        history: int = 1000,
+        max_line: int = DEFAULT_MAX_LINE,
+        name: str = "",
+    ) -> None:
+        Deadline(timeout)  # validates
+        self.timeout = timeout
+        self.name = name or _transport.describe(sock)
+        self._sock: socket.socket | None = sock
+        self._core = QMPProtocol(max_line=max_line)
+        self._events = EventLog(history)
+        self._replies: dict[int, Reply | ErrorReply] = {}
+        self._lock = threading.Lock()
+        self._closed_reason: str | None = None
+        sock.setblocking(True)
+
+    # -- connecting -------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls,
+        address: _transport.Address,
+        *,
+        negotiate: bool = True,
+        oob: bool = False,
+        connect_timeout: float | None = CONNECT_TIMEOUT,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        history: int = 1000,
+        max_line: int = DEFAULT_MAX_LINE,
+    ) -> QMPClient:
+        """Connect, read the greeting and (by default) negotiate capabilities."""
+        deadline = Deadline(connect_timeout)
+        name = _transport.describe(address)
+        if isinstance(address, (socket.socket, int)):
+            sock = _transport.adopt(address)
+        else:
+            sock = _connect(address, deadline, name)
+        client = cls(sock, timeout=timeout, history=history, max_line=max_line, name=name)
+        try:
+            client.read_greeting(timeout=deadline.remaining())
+            if negotiate:
+                client.negotiate(oob=oob, timeout=deadline.remaining())
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def read_greeting(self, *, timeout: TimeoutArg = ...) -> Greeting:
+        with self._lock:
+            deadline = self._deadline(timeout)
+            while self._core.greeting is None:
+                self._receive(deadline, f"the QMP greeting from {self.name}", fatal=True)
+            return self._core.greeting
+
+    def negotiate(self, *, oob: bool = False, timeout: TimeoutArg = ...) -> None:
+        """Send `qmp_capabilities` (enabling OOB if asked) and wait for the answer."""
+        if self._core.greeting is None:
+            self.read_greeting(timeout=timeout)
+        with self._lock:
+            self._check_open()
+            id_, data = self._core.negotiate(["oob"] if oob else [])
+            self._roundtrip(id_, data, (), self._deadline(timeout), "qmp_capabilities")
+
+    @property
+    def greeting(self) -> Greeting | None:
+        return self._core.greeting
+
+    # -- commands ---------------------------------------------------------
+
+    def execute(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: TimeoutArg = ...,
+    ) -> Any:
+        """Run command `name`; return its `return` value or raise `CommandError`."""
+        return self._execute(name, arguments, False, (), timeout)
+
+    def execute_oob(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: TimeoutArg = ...,
+    ) -> Any:
+        """Run `name` out-of-band (needs `oob=True` at connect)."""
+        return self._execute(name, arguments, True, (), timeout)
+
+    def send_fd(self, fd: int, fdname: str, *, timeout: TimeoutArg = ...) -> None:
+        """Pass `fd` to QEMU under `fdname` (SCM_RIGHTS + `getfd`)."""
+        self._execute("getfd", {"fdname": fdname}, False, (_transport.check_fd(fd),), timeout)
+
+    def add_fd(
+        self,
+        fd: int,
+        *,
+        fdset_id: int | None = None,
+        opaque: str | None = None,
+        timeout: TimeoutArg = ...,
+    ) -> dict[str, Any]:
+        """Add `fd` to an fd set (`add-fd`); returns `{"fdset-id": N, "fd": M}`."""
+        args: dict[str, Any] = {}
+        if fdset_id is not None:
+            args["fdset-id"] = fdset_id
+        if opaque is not None:
+            args["opaque"] = opaque
+        result: dict[str, Any] = self._execute(
+            "add-fd", args, False, (_transport.check_fd(fd),), timeout
+        )
+        return result
+
+    def _execute(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        oob: bool,
+        fds: Sequence[int],
+        timeout: TimeoutArg,
+    ) -> Any:
+        deadline = self._deadline(timeout)
+        with self._lock:
+            self._check_open()
+            id_, data = self._core.send_command(name, arguments, oob=oob)
+            return self._roundtrip(id_, data, fds, deadline, name)
+
+    def _roundtrip(
+        self, id_: int, data: bytes, fds: Sequence[int], deadline: Deadline, name: str
+    ) -> Any:
+        self._send(data, fds, name)
+        replies = self._replies
+        while True:
+            reply = replies.pop(id_, None)
+            if reply is not None:
+                if isinstance(reply, Reply):
+                    return reply.value
+                raise reply.error()
+            try:
+                self._receive(deadline, f"the reply to {name!r}", fatal=True)
+            except Disconnected:
+                if name == "quit" and self._core.quit_sent:
+                    return {}  # QEMU went away before answering quit: that is success
+                raise
+
+    def _send(self, data: bytes, fds: Sequence[int], name: str) -> None:
+        sock = self._sock
+        assert sock is not None
+        try:
+            if fds:
+                sent = _transport.sendmsg_fds(sock, data, fds)
+                if sent < len(data):
+                    sock.sendall(data[sent:])
+            else:
+                sock.sendall(data)
+        except OSError as exc:
+            self._lost(f"sending {name!r} failed: {exc}")
+            raise Disconnected(f"cannot send {name!r} to {self.name}: {exc}") from exc
+
+    # -- reading ----------------------------------------------------------
+
+    def _receive(self, deadline: Deadline, what: str, *, fatal: bool) -> None:
+        """Read once (waiting until `deadline`) and dispatch what arrived.
+
+        `fatal`: a timeout breaks the connection (a command was left without
+        its reply, so the stream can no longer be trusted).
+        """
+        sock = self._sock
+        if sock is None:
+            raise Disconnected(f"QMP connection to {self.name} is closed ({self._closed_reason})")
+        sock.settimeout(deadline.remaining())
+        try:
+            data = sock.recv(_RECV)
+        except TimeoutError:
+            if fatal:
+                self._lost(f"no answer within {deadline.timeout:g} s while waiting for {what}")
+            raise Timeout(what, deadline.timeout) from None
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""  # the peer went away with our data unread: same as EOF
+        except OSError as exc:
+            self._lost(f"receive failed: {exc}")
+            raise Disconnected(f"QMP connection to {self.name} failed: {exc}") from exc
+        if not data:
+            reason = "closed by the client" if self._closed_reason else "the peer closed it"
+            if self._core.quit_sent:
+                reason = "QEMU quit"
+            self._lost(reason)
+            raise Disconnected(
+                f"QMP connection to {self.name} closed ({reason}) while waiting for {what}"
+            )
+        try:
+            items = self._core.receive_data(data)
+        except ProtocolError as exc:
+            self._dispatch(exc.items)
+            self._lost(f"protocol error: {exc}")
+            raise
+        self._dispatch(items)
+
+    def _dispatch(self, items: list[Item]) -> None:
+        for item in items:
+            if isinstance(item, (Reply, ErrorReply)):
+                self._replies[item.id] = item
+            elif isinstance(item, Event):
+                self._events.notify(item)
+                self._events.push(item)
+
+    # -- events -----------------------------------------------------------
+
+    def wait_event(
+        self,
+        name: NameFilter = None,
+        match: Mapping[str, Any] | None = None,
+        *,
+        timeout: TimeoutArg = ...,
+    ) -> Event:
+        """Return (and consume) the oldest event matching `name`/`match`,
+        waiting for one if none has arrived yet."""
+        deadline = self._deadline(timeout)
+        with self._lock:
+            while True:
+                event = self._events.take(name, match)
+                if event is not None:
+                    return event
+                if self._sock is None:
+                    raise Disconnected(
+                        f"QMP connection to {self.name} is closed ({self._closed_reason}); "
+                        f"no {describe(name, match)} arrived"
+                    )
+                try:
+                    self._receive(deadline, describe(name, match), fatal=False)
+                except Disconnected:
+                    if self._events.queue:
+                        continue  # events that came with the EOF are still there
+                    raise
+
+    def events(self, *, timeout: TimeoutArg = ...) -> Iterator[Event]:
+        """Yield events as they arrive (consuming them) until the connection
+        closes; each wait is bounded by `timeout` (raises `Timeout`)."""
+        while True:
+            try:
+                event = self.wait_event(timeout=timeout)
+            except Disconnected:
+                return
+            yield event
+
+    def get_events(self) -> list[Event]:
+        """The events received and not consumed yet (consumes them)."""
+        return self._events.drain()
+
+    def clear_events(self) -> None:
+        self._events.drain()
+
+    @property
+    def dropped_events(self) -> int:
+        """How many events fell out of the bounded queue unconsumed."""
+        return self._events.dropped
+
+    def add_listener(
+        self, callback: Listener, name: NameFilter = None, match: Mapping[str, Any] | None = None
+    ) -> object:
+        """Call `callback(event)` for each matching event as it is read."""
+        return self._events.add_listener(callback, name, match)
+
+    def remove_listener(self, handle: object) -> None:
+        self._events.remove_listener(handle)
+
+    # -- closing ----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    @property
+    def closed_reason(self) -> str | None:
+        return self._closed_reason
+
+    def close(self) -> None:
+        """Close the connection; a call blocked in another thread fails at once."""
+        if self._closed_reason is None:
+            self._closed_reason = "closed by the client"
+        if self._lock.acquire(blocking=False):
+            try:
+                self._lost(self._closed_reason)
+            finally:
+                self._lock.release()
+        else:
+            sock = self._sock
+            if sock is not None:
+                # wakes the thread blocked in recv(); it finishes the close
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _lost(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        self._core.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _check_open(self) -> None:
+        if self._sock is None:
+            raise Disconnected(f"QMP connection to {self.name} is closed ({self._closed_reason})")
+
+    def _deadline(self, timeout: TimeoutArg) -> Deadline:
+        return Deadline(self.timeout if timeout is ... else timeout)
+
+    def __enter__(self) -> QMPClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._closed_reason}" if self._sock is None else "open"
+        return f"<QMPClient {self.name} {state}>"
+
+
+def _connect(address: _transport.Address, deadline: Deadline, name: str) -> socket.socket:
+    errors: list[str] = []
+    for family, sockaddr in _transport.targets(address):
+        infos: list[tuple[int, Any]]
+        if family == socket.AF_UNIX:
+            infos = [(family, sockaddr)]
+        else:
+            assert isinstance(sockaddr, tuple)
+            host, port = sockaddr
+            try:
+                infos = [
+                    (fam, sa)
+                    for fam, _, _, _, sa in socket.getaddrinfo(
+                        host, port, family, socket.SOCK_STREAM
+                    )
+                ]
+            except OSError as exc:
+                errors.append(f"{host}: {exc}")
+                continue
+        for fam, sa in infos:
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            sock.settimeout(deadline.remaining())
+            try:
+                sock.connect(sa)
+                return sock
+            except TimeoutError:
+                sock.close()
+                raise Timeout(f"connecting to {name}", deadline.timeout) from None
+            except OSError as exc:
+                sock.close()
+                errors.append(f"{sa}: {exc.strerror or exc}")
+    raise Disconnected(f"cannot connect to QMP at {name}: " + "; ".join(errors))

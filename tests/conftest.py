@@ -1,0 +1,172 @@
+"""Shared fixtures, and the session-wide guard: a run that leaves a QEMU
+process, an open fd or a vmpilot temp dir behind fails."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Coroutine, Iterator
+from typing import Any
+
+import pytest
+
+QEMU = os.environ.get("VMPILOT_QEMU") or shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+QEMU_NONE = [QEMU, "-machine", "none", "-nodefaults", "-display", "none", "-no-user-config"]
+
+
+# -- the leak guard -------------------------------------------------------
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the fd of the listdir itself
+    return fds
+
+
+def _qemu_pids() -> set[int]:
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().startswith("qemu-system"):
+                        pids.add(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _vmpilot_tmp() -> set[str]:
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("vmpilot-")}
+
+
+_baseline: dict[str, Any] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _baseline.update(fds=_open_fds(), qemu=_qemu_pids(), tmp=_vmpilot_tmp())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _baseline or hasattr(session.config, "workerinput"):
+        return
+    problems = []
+    qemu = _qemu_pids() - _baseline["qemu"]
+    if qemu:
+        problems.append(f"QEMU processes left running: {sorted(qemu)}")
+        for pid in qemu:  # do not let them outlive the run either
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+    fds = _open_fds()
+    extra = {fd: target for fd, target in fds.items() if fd not in _baseline["fds"]}
+    if extra:
+        problems.append(f"file descriptors left open: {extra}")
+    tmp = _vmpilot_tmp() - _baseline["tmp"]
+    if tmp:
+        problems.append(f"temp dirs left behind: {sorted(tmp)}")
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "LEAK GUARD FAILED:\n  " + "\n  ".join(problems)
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        else:
+            print(text)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- raw QEMU for protocol tests (no Machine layer involved) --------------
+
+
+class RawQemu:
+    """`qemu-system-x86_64 -machine none` with QMP on a socketpair; the test
+    gets our end as `sock`. Killed and reaped at teardown whatever happened."""
+
+    def __init__(self, extra: list[str] | None = None, *, first: bool = False) -> None:
+        ours, theirs = socket.socketpair()
+        mon = ["-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control"]
+        extra = extra or []
+        self.argv = [*QEMU_NONE, *(extra + mon if first else mon + extra)]
+        self.proc = subprocess.Popen(
+            self.argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        theirs.close()
+        self.sock: socket.socket | None = ours
+
+    def take_socket(self) -> socket.socket:
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        return sock
+
+    def stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def raw_qemu() -> Iterator[RawQemu]:
+    q = RawQemu()
+    try:
+        yield q
+    finally:
+        q.stop()
+
+
+@pytest.fixture
+def qemu_unix(tmp_path: Any) -> Iterator[tuple[RawQemu, str]]:
+    """QEMU listening on a unix socket path (the way users start it by hand)."""
+    path = str(tmp_path / "qmp.sock")
+    # -qmp comes first on the command line: once the socketpair monitor (set
+    # up after it) greets us, the listening socket exists. No polling.
+    q = RawQemu(["-qmp", f"unix:{path},server=on,wait=off"], first=True)
+    try:
+        sock = q.sock
+        assert sock is not None
+        sock.settimeout(10)
+        assert sock.recv(4096).startswith(b'{"QMP"')
+        assert os.path.exists(path)
+        yield q, path
+    finally:
+        q.stop()
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run that also fails on any exception the loop reports as
+    never retrieved (the qemu.qmp flaw we promise not to have)."""
+    reported: list[dict[str, Any]] = []
+
+    async def main() -> Any:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: reported.append(ctx))
+        return await coro
+
+    result = asyncio.run(main())
+    assert not reported, f"the event loop reported: {reported}"
+    return result
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
+    """Spin (yielding the GIL) until `predicate()`; only for a thread entering a
+    blocking call, where nothing else can be waited on. Bounded."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0)
