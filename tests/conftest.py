@@ -4,6 +4,7 @@ process, an open fd or a vmpilot temp dir behind fails."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -24,10 +25,8 @@ QEMU_NONE = [QEMU, "-machine", "none", "-nodefaults", "-display", "none", "-no-u
 def _open_fds() -> dict[int, str]:
     fds = {}
     for name in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):  # the fd of the listdir itself
             fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass  # the fd of the listdir itself
     return fds
 
 
@@ -63,10 +62,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if qemu:
         problems.append(f"QEMU processes left running: {sorted(qemu)}")
         for pid in qemu:  # do not let them outlive the run either
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, 9)
-            except OSError:
-                pass
     fds = _open_fds()
     extra = {fd: target for fd, target in fds.items() if fd not in _baseline["fds"]}
     if extra:
@@ -93,11 +90,18 @@ class RawQemu:
 
     def __init__(self, extra: list[str] | None = None, *, first: bool = False) -> None:
         ours, theirs = socket.socketpair()
-        mon = ["-chardev", f"socket,id=qmp,fd={theirs.fileno()}", "-mon", "chardev=qmp,mode=control"]
+        mon = [
+            "-chardev",
+            f"socket,id=qmp,fd={theirs.fileno()}",
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]
         extra = extra or []
         self.argv = [*QEMU_NONE, *(extra + mon if first else mon + extra)]
         self.proc = subprocess.Popen(
-            self.argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            self.argv,
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         theirs.close()
