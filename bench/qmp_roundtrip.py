@@ -1,0 +1,188 @@
+"""QMP round trips: vmpilot's clients side by side with a raw socket and qemu.qmp.
+
+One QEMU (-machine none) serves every contender over the same unix socket
+(one client at a time), so the ratios compare clients, not QEMU runs.
+
+    python bench/qmp_roundtrip.py [-n 2000] [-r 5]
+
+Needs `pip install -e '.[bench]'` for the qemu.qmp rows (skipped without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
+from vmpilot.qmp import AsyncQMPClient, QMPClient
+
+
+Sample = tuple[float, float]  # (wall seconds, this process's CPU seconds)
+
+
+def clock() -> Sample:
+    return time.perf_counter(), time.process_time()
+
+
+def since(t: Sample) -> Sample:
+    return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def raw_socket(path: str, n: int) -> Sample:
+    """The floor: a blocking socket, json, one line per reply."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    buf = b""
+
+    def line() -> bytes:
+        nonlocal buf
+        while b"\n" not in buf:
+            buf += s.recv(65536)
+        one, buf = buf.split(b"\n", 1)
+        return one
+
+    json.loads(line())
+    s.sendall(b'{"execute":"qmp_capabilities","id":0}\n')
+    json.loads(line())
+    t = clock()
+    for i in range(n):
+        s.sendall(json.dumps({"execute": "query-status", "id": i + 1}).encode() + b"\n")
+        while True:
+            msg = json.loads(line())
+            if msg.get("id") == i + 1:
+                break
+    dt = since(t)
+    s.close()
+    return dt
+
+
+def vmpilot_sync(path: str, n: int) -> Sample:
+    with QMPClient.connect(path) as qmp:
+        t = clock()
+        for _ in range(n):
+            qmp.execute("query-status")
+        return since(t)
+
+
+def vmpilot_async(path: str, n: int) -> Sample:
+    async def main() -> Sample:
+        async with AsyncQMPClient.connect(path) as qmp:
+            t = clock()
+            for _ in range(n):
+                await qmp.execute("query-status")
+            return since(t)
+
+    return asyncio.run(main())
+
+
+def vmpilot_async_pipelined(path: str, n: int, depth: int = 16) -> Sample:
+    async def main() -> Sample:
+        async with AsyncQMPClient.connect(path) as qmp:
+            t = clock()
+            for _ in range(n // depth):
+                await asyncio.gather(*(qmp.execute("query-status") for _ in range(depth)))
+            return since(t)
+
+    return asyncio.run(main())
+
+
+def qemu_qmp_async(path: str, n: int) -> Sample:
+    from qemu.qmp import QMPClient as Q
+
+    async def main() -> Sample:
+        qmp = Q()
+        await qmp.connect(path)
+        t = clock()
+        for _ in range(n):
+            await qmp.execute("query-status")
+        dt = since(t)
+        await qmp.disconnect()
+        return dt
+
+    return asyncio.run(main())
+
+
+def qemu_qmp_legacy(path: str, n: int) -> Sample:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    qmp = QEMUMonitorProtocol(path)
+    qmp.connect(negotiate=True)
+    t = clock()
+    for _ in range(n):
+        qmp.cmd_obj({"execute": "query-status"})
+    dt = since(t)
+    qmp.close()
+    return dt
+
+
+CONTENDERS: list[tuple[str, Callable[[str, int], Sample]]] = [
+    ("raw socket + json (floor)", raw_socket),
+    ("vmpilot QMPClient", vmpilot_sync),
+    ("vmpilot AsyncQMPClient", vmpilot_async),
+    ("vmpilot AsyncQMPClient, 16 in flight", vmpilot_async_pipelined),
+    ("qemu.qmp QMPClient (asyncio)", qemu_qmp_async),
+    ("qemu.qmp legacy QEMUMonitorProtocol", qemu_qmp_legacy),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=2000, help="round trips per repeat")
+    ap.add_argument("-r", "--repeats", type=int, default=5)
+    args = ap.parse_args()
+    qemu = os.environ.get("VMPILOT_QEMU") or shutil.which("qemu-system-x86_64")
+    tmp = tempfile.mkdtemp(prefix="bench-qmp-")
+    path = os.path.join(tmp, "qmp.sock")
+    proc = subprocess.Popen(
+        [str(qemu), "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{path},server=on,wait=on"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while not os.path.exists(path):  # wait=on: QEMU blocks until we connect
+            if proc.poll() is not None:
+                raise SystemExit("QEMU did not start")
+            time.sleep(0.01)
+        times: dict[str, list[Sample]] = {name: [] for name, _ in CONTENDERS}
+        skipped: dict[str, str] = {}
+        for _ in range(args.repeats):  # interleaved, so drift hits everyone alike
+            for name, fn in CONTENDERS:
+                if name in skipped:
+                    continue
+                try:
+                    times[name].append(fn(path, args.n))
+                except ImportError as exc:
+                    skipped[name] = f"skipped ({exc.name} not installed)"
+        def med(name: str, i: int) -> float:
+            return statistics.median(s[i] for s in times[name])
+
+        floor = CONTENDERS[0][0]
+        print(f"QMP query-status round trips: n={args.n}, median of {args.repeats} repeats")
+        print("| client | ops/s | wall per op | wall ratio | client CPU per op | CPU ratio |")
+        print("|---|---|---|---|---|---|")
+        for name, _ in CONTENDERS:
+            if name in skipped:
+                print(f"| {name} | {skipped[name]} | | | | |")
+                continue
+            wall, cpu = med(name, 0), med(name, 1)
+            print(
+                f"| {name} | {args.n / wall:,.0f} | {wall / args.n * 1e6:.1f} µs "
+                f"| {wall / med(floor, 0):.2f}× | {cpu / args.n * 1e6:.1f} µs "
+                f"| {cpu / med(floor, 1):.2f}× |"
+            )
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
