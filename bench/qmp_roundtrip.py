@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 from vmpilot.qmp import AsyncQMPClient, QMPClient
 
-
 Sample = tuple[float, float]  # (wall seconds, this process's CPU seconds)
 
 
@@ -142,8 +141,16 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-qmp-")
     path = os.path.join(tmp, "qmp.sock")
     proc = subprocess.Popen(
-        [str(qemu), "-machine", "none", "-nodefaults", "-display", "none",
-         "-qmp", f"unix:{path},server=on,wait=on"],
+        [
+            str(qemu),
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{path},server=on,wait=on",
+        ],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -161,6 +168,7 @@ def main() -> None:
                     times[name].append(fn(path, args.n))
                 except ImportError as exc:
                     skipped[name] = f"skipped ({exc.name} not installed)"
+
         def med(name: str, i: int) -> float:
             return statistics.median(s[i] for s in times[name])
 

@@ -11,18 +11,24 @@ from .errors import (
     Timeout,
     VMError,
 )
+from .machine import AsyncMachine, ConfigError, Drive, Machine, MachineConfig
 from .qmp import AsyncQMPClient, Event, QMPClient
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AbnormalShutdown",
+    "AsyncMachine",
     "AsyncQMPClient",
     "CommandError",
+    "ConfigError",
     "Disconnected",
+    "Drive",
     "Event",
     "GuestError",
     "LaunchError",
+    "Machine",
+    "MachineConfig",
     "ProtocolError",
     "QMPClient",
     "QMPError",

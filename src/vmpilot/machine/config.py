@@ -1,0 +1,219 @@
+"""A declarative description of one VM, turned into a QEMU argv.
+
+Everything the user gives is checked here, before QEMU runs, and every value
+placed inside a QEMU option string is escaped (`,` doubled) so that a file
+name like `a,b=c` can never add an option. No shell is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import LaunchError
+
+log = logging.getLogger("vmpilot.machine")
+
+ACCELS = ("auto", "kvm", "tcg", "qtest", "xen", "hvf", "whpx")
+_MEMORY = re.compile(r"^\d+(\.\d+)?[KMGT]?$", re.IGNORECASE)
+_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class ConfigError(LaunchError, ValueError):
+    """The VM description is invalid; QEMU was not started."""
+
+
+def escape(value: object) -> str:
+    """Make `value` safe inside a QEMU `key=value,...` option string."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if "\n" in text or "\0" in text:
+        raise ConfigError(f"option value {text!r} contains a newline or NUL byte")
+    return text.replace(",", ",,")
+
+
+def options(head: str | None = None, **values: object) -> str:
+    """`head,key=value,...` with every value escaped; None values are left out."""
+    parts = [] if head is None else [escape(head)]
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        parts.append(f"{key.replace('_', '-')}={escape(value)}")
+    return ",".join(parts)
+
+
+def _option_map(what: str, spec: Mapping[str, Any]) -> str:
+    items = dict(spec)
+    for key in items:
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise ConfigError(f"invalid {what} option name {key!r}")
+    head_key = "driver" if what == "device" else "type"
+    head = items.pop(head_key, None)
+    if head is None:
+        raise ConfigError(f"a {what} given as a mapping needs a {head_key!r} key: {spec!r}")
+    return ",".join([escape(head), *(f"{k}={escape(_bool(v))}" for k, v in items.items())])
+
+
+def _bool(value: object) -> object:
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class Drive:
+    """A disk image. `file` is escaped, so any file name is safe."""
+
+    file: str | os.PathLike[str]
+    format: str = "raw"
+    interface: str = "virtio"
+    id: str | None = None
+    snapshot: bool = False
+    readonly: bool = False
+
+    def arg(self) -> str:
+        return options(
+            None,
+            file=os.fspath(self.file),
+            format=self.format,
+            **{"if": self.interface},
+            id=self.id,
+            snapshot=self.snapshot or None,
+            readonly=self.readonly or None,
+        )
+
+
+def default_qemu() -> str:
+    return os.environ.get("VMPILOT_QEMU") or "qemu-system-x86_64"
+
+
+def detect_accel() -> tuple[str, str]:
+    """Pick kvm only where /dev/kvm opens read-write and is real KVM (not the
+    `kvm_pvm` nested backend, under which Linux guests hang), else tcg."""
+    if os.path.exists("/sys/module/kvm_pvm"):
+        return "tcg", "/dev/kvm is kvm_pvm (nested PVM; Linux guests hang under it)"
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return "tcg", f"/dev/kvm not usable ({exc.strerror})"
+    os.close(fd)
+    if not any(os.path.exists(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd")):
+        return "tcg", "/dev/kvm is not backed by kvm_intel or kvm_amd"
+    return "kvm", "/dev/kvm opens read-write and is kvm_intel/kvm_amd"
+
+
+@dataclasses.dataclass
+class MachineConfig:
+    """What to run. `to_argv()` gives the command line (without the QMP and
+    console wiring, which `Machine` adds on its own socketpairs)."""
+
+    qemu: str = dataclasses.field(default_factory=default_qemu)
+    machine: str = "q35"
+    accel: str = "auto"
+    cpus: int = 1
+    memory: str | int = "256M"
+    kernel: str | os.PathLike[str] | None = None
+    initrd: str | os.PathLike[str] | None = None
+    append: str | None = None
+    bios: str | os.PathLike[str] | None = None
+    drives: Sequence[Drive] = ()
+    devices: Sequence[str | Mapping[str, Any]] = ()
+    netdevs: Sequence[str | Mapping[str, Any]] = ()
+    serial: bool = False
+    no_reboot: bool = False
+    name: str | None = None
+    extra_args: Sequence[str] = ()
+
+    def resolve_accel(self) -> tuple[str, str]:
+        """The accelerator to use and why."""
+        if self.accel != "auto":
+            return self.accel, "asked for in the config"
+        env = os.environ.get("VMPILOT_ACCEL")
+        if env:
+            if env not in ACCELS:
+                raise ConfigError(f"VMPILOT_ACCEL={env!r} is not one of {', '.join(ACCELS)}")
+            if env != "auto":
+                return env, "VMPILOT_ACCEL"
+        return detect_accel()
+
+    def resolve_qemu(self) -> str:
+        path = shutil.which(self.qemu)
+        if path is None:
+            hint = (
+                "install it (Debian: apt-get install qemu-system-x86) or set VMPILOT_QEMU"
+                if os.sep not in self.qemu
+                else "check the path"
+            )
+            raise LaunchError(f"QEMU binary {self.qemu!r} not found or not executable; {hint}")
+        return path
+
+    def validate(self) -> None:
+        if not isinstance(self.machine, str) or not self.machine or "," in self.machine:
+            raise ConfigError(f"invalid machine type {self.machine!r}")
+        if self.accel not in ACCELS:
+            raise ConfigError(f"accel {self.accel!r} is not one of {', '.join(ACCELS)}")
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or self.cpus < 1:
+            raise ConfigError(f"cpus must be a positive int, not {self.cpus!r}")
+        mem = self.memory
+        if isinstance(mem, bool) or (isinstance(mem, int) and mem < 1):
+            raise ConfigError(f"memory must be MiB (int > 0) or a size like '256M', not {mem!r}")
+        if isinstance(mem, str) and not _MEMORY.match(mem):
+            raise ConfigError(f"memory {mem!r} is not a size like '256M' or '1G'")
+        for what in ("kernel", "initrd", "bios"):
+            path = getattr(self, what)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(
+                    f"{what} file {os.fspath(path)!r} does not exist or is unreadable"
+                )
+        if self.initrd is not None and self.kernel is None:
+            raise ConfigError("initrd given without a kernel")
+        if self.append is not None and self.kernel is None:
+            raise ConfigError("append (kernel command line) given without a kernel")
+        for drive in self.drives:
+            if not isinstance(drive, Drive):
+                raise ConfigError(f"drives must be Drive objects, not {drive!r}")
+            if not os.path.exists(drive.file):
+                raise ConfigError(f"drive file {os.fspath(drive.file)!r} does not exist")
+        if isinstance(self.extra_args, str):
+            raise ConfigError("extra_args must be a list of arguments, not one string")
+        for arg in self.extra_args:
+            if not isinstance(arg, str):
+                raise ConfigError(f"extra_args must be strings, not {arg!r}")
+
+    def to_argv(self, accel: str | None = None) -> list[str]:
+        """Validate and build the argv; `accel` overrides the resolved one."""
+        self.validate()
+        accel = accel or self.resolve_accel()[0]
+        mem = f"{self.memory}M" if isinstance(self.memory, int) else self.memory
+        argv = [self.qemu, "-nodefaults", "-no-user-config", "-display", "none"]
+        argv += ["-machine", escape(self.machine), "-accel", accel]
+        if accel == "kvm":
+            argv += ["-cpu", "host"]
+        argv += ["-smp", str(self.cpus), "-m", escape(mem)]
+        if self.name:
+            argv += ["-name", escape(self.name)]
+        if self.bios is not None:
+            argv += ["-bios", os.fspath(self.bios)]
+        if self.kernel is not None:
+            argv += ["-kernel", os.fspath(self.kernel)]
+        if self.initrd is not None:
+            argv += ["-initrd", os.fspath(self.initrd)]
+        if self.append is not None:
+            argv += ["-append", self.append]
+        if self.no_reboot:
+            argv.append("-no-reboot")
+        for drive in self.drives:
+            argv += ["-drive", drive.arg()]
+        for netdev in self.netdevs:
+            argv += [
+                "-netdev",
+                netdev if isinstance(netdev, str) else _option_map("netdev", netdev),
+            ]
+        for dev in self.devices:
+            argv += ["-device", dev if isinstance(dev, str) else _option_map("device", dev)]
+        argv += list(self.extra_args)
+        return argv

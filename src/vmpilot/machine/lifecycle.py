@@ -1,0 +1,265 @@
+"""The lifecycle both Machine flavours share: states, the private temp dir,
+spawning, recording how QEMU ended, and the post-shutdown step that runs
+exactly once whatever happened. The sync and asyncio classes only add how
+they wait."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+
+from ..errors import AbnormalShutdown, LaunchError
+from . import process
+from .config import MachineConfig, options
+
+log = logging.getLogger("vmpilot.machine")
+
+LOG_KEEP = 1024 * 1024  # bytes of QEMU's output kept after the temp dir is gone
+TAIL = 4000
+
+
+_STALE = re.compile(r"^vmpilot-(\d+)-")
+_swept = False
+
+
+def sweep_stale_dirs(force: bool = False) -> list[str]:
+    """Remove the temp dirs of controllers that died without cleaning up
+    (SIGKILL leaves no chance to); done once per process. Returns them."""
+    global _swept
+    if _swept and not force:
+        return []
+    _swept = True
+    removed = []
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = _STALE.match(name)
+        if not m or int(m[1]) == os.getpid():
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(m[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+class State(enum.Enum):
+    NEW = "new"
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    SHUTTING_DOWN = "shutting_down"
+    STOPPED = "stopped"
+    FAILED = "failed"  # launch failed
+
+
+class Lifecycle:
+    """One VM's life. Thread-safe: the exit watcher and the caller may race."""
+
+    def __init__(self, config: MachineConfig) -> None:
+        self.config = config
+        self.state = State.NEW
+        self.argv: list[str] = []
+        self.accel = ""
+        self.accel_reason = ""
+        self.temp_dir: str | None = None
+        self.log_path: str | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pidfd = -1
+        self.returncode: int | None = None
+        self.crashed = False
+        self.crash_reported = False
+        self._signals_sent: set[int] = set()
+        self._log_text: str | None = None
+        self._lock = threading.RLock()
+        self._cleaned = False
+        self.on_cleanup: list[Callable[[], None]] = []
+
+    # -- launching --------------------------------------------------------
+
+    def start(self) -> socket.socket:
+        """Validate, make the temp dir, spawn QEMU; returns our end of the QMP
+        socketpair. On failure everything made so far is undone."""
+        with self._lock:
+            if self.state is not State.NEW:
+                raise LaunchError(f"a Machine is launched once; this one is {self.state.value}")
+            self.state = State.LAUNCHING
+        cfg = self.config
+        try:
+            qemu = cfg.resolve_qemu()
+            self.accel, self.accel_reason = cfg.resolve_accel()
+            argv = cfg.to_argv(self.accel)
+            argv[0] = qemu
+        except LaunchError:
+            self.state = State.FAILED
+            raise
+        log.info("accel %s: %s", self.accel, self.accel_reason)
+        sweep_stale_dirs()
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name or "")[:40]
+        prefix = f"vmpilot-{os.getpid()}-" + (f"{safe}-" if safe else "")
+        self.temp_dir = tempfile.mkdtemp(prefix=prefix)  # 0700
+        self.log_path = os.path.join(self.temp_dir, "qemu.log")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_fd = -1
+        try:
+            fd = theirs.fileno()
+            argv += ["-chardev", options("socket", id="vmpilot-qmp", fd=fd)]
+            argv += ["-mon", "chardev=vmpilot-qmp,mode=control"]
+            if cfg.serial:
+                argv += ["-serial", "file:" + os.path.join(self.temp_dir, "console.log")]
+            self.argv = argv
+            log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self.proc = process.spawn(argv, [fd], log_fd)
+            except OSError as exc:
+                raise LaunchError(f"cannot start QEMU: {exc}", argv=argv) from exc
+            self.pidfd = os.pidfd_open(self.proc.pid)
+            log.debug("launched pid %d: %s", self.proc.pid, " ".join(argv))
+        except BaseException:
+            ours.close()
+            self.state = State.FAILED
+            self.cleanup()
+            raise
+        finally:
+            theirs.close()
+            if log_fd >= 0:
+                os.close(log_fd)
+        return ours
+
+    def launch_failed(self, why: str, cause: BaseException | None) -> LaunchError:
+        """Kill what is left, clean up, and describe the failure."""
+        self.kill_process()
+        self.reap(timeout=10)
+        self.state = State.FAILED
+        self.cleanup()
+        rc = self.returncode
+        return LaunchError(
+            f"QEMU did not come up: {why} ({process.describe_status(rc)})",
+            argv=self.argv,
+            exit_code=rc if rc is not None and rc >= 0 else None,
+            exit_signal=-rc if rc is not None and rc < 0 else None,
+            log=self.log,
+        )
+
+    # -- ending -----------------------------------------------------------
+
+    def kill_process(self, sig: int = signal.SIGKILL) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        self._signals_sent.add(sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)  # QEMU leads its own process group
+
+    def reap(self, timeout: float | None) -> bool:
+        """Wait (bounded) for QEMU to exit and record how; True if it has."""
+        proc = self.proc
+        if proc is None:
+            return True
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        self.record_exit(rc)
+        return True
+
+    def record_exit(self, rc: int) -> None:
+        with self._lock:
+            if self.returncode is not None:
+                return
+            self.returncode = rc
+            if rc < 0 and -rc not in self._signals_sent:
+                self.crashed = True
+                log.warning(
+                    "QEMU pid %d %s (a signal vmpilot did not send)%s",
+                    self.proc.pid if self.proc else -1,
+                    process.describe_status(rc),
+                    f"; log: {self.log_path}" if self.log_path else "",
+                )
+
+    def cleanup(self) -> None:
+        """The post-shutdown step: runs once, whatever path got us here."""
+        with self._lock:
+            if self._cleaned:
+                return
+            self._cleaned = True
+        for fn in self.on_cleanup:
+            try:
+                fn()
+            except Exception:
+                log.exception("cleanup step %r failed", fn)
+        if self.proc is not None and self.returncode is None:
+            self.kill_process()
+            self.reap(timeout=10)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self._log_text = self._read_log()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+        if self.state is not State.FAILED:
+            self.state = State.STOPPED
+
+    def _read_log(self) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - LOG_KEEP))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def log(self) -> str:
+        """What QEMU printed (stdout and stderr); kept after cleanup."""
+        return self._log_text if self._log_text is not None else self._read_log()
+
+    def abnormal(self, what: str, cause: BaseException | None) -> AbnormalShutdown:
+        tail = self.log.rstrip()[-TAIL:]
+        text = f"{what}; QEMU was killed ({process.describe_status(self.returncode)})"
+        if tail:
+            text += f"\nQEMU's log (tail):\n{tail}"
+        exc = AbnormalShutdown(text)
+        exc.__cause__ = cause
+        return exc
+
+    def crash_error(self) -> AbnormalShutdown | None:
+        """An error for a crash nobody was told about yet (then never again)."""
+        with self._lock:
+            if not self.crashed or self.crash_reported:
+                return None
+            self.crash_reported = True
+        tail = self.log.rstrip()[-TAIL:]
+        text = f"QEMU crashed ({process.describe_status(self.returncode)})"
+        return AbnormalShutdown(text + (f"\nQEMU's log (tail):\n{tail}" if tail else ""))
+
+    @property
+    def exit_code(self) -> int | None:
+        rc = self.returncode
+        return rc if rc is not None and rc >= 0 else None
+
+    @property
+    def exit_signal(self) -> int | None:
+        rc = self.returncode
+        return -rc if rc is not None and rc < 0 else None

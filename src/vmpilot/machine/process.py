@@ -1,0 +1,75 @@
+"""Spawning QEMU so that it can never outlive us, and decoding how it ended.
+
+The child gets its own session (so a terminal's ^C does not hit it, and its
+helpers die with it) and PR_SET_PDEATHSIG=SIGKILL, so it dies if the
+controller dies, even by SIGKILL. Linux delivers that signal when the *thread*
+that forked exits, so forks from other threads go through one long-lived
+spawner thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _prctl() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def _child_setup(parent: int) -> None:  # runs in the child between fork and exec
+    _prctl().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(125)
+
+
+def _popen(argv: Sequence[str], pass_fds: Sequence[int], log_fd: int) -> subprocess.Popen[bytes]:
+    parent = os.getpid()
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=log_fd,
+        stderr=log_fd,
+        pass_fds=tuple(pass_fds),
+        start_new_session=True,
+        preexec_fn=lambda: _child_setup(parent),
+        close_fds=True,
+    )
+
+
+def spawn(argv: Sequence[str], pass_fds: Sequence[int], log_fd: int) -> subprocess.Popen[bytes]:
+    """Start QEMU with stdout+stderr to `log_fd`, sharing only `pass_fds`."""
+    _prctl()  # load libc before fork, not in the child
+    if threading.current_thread() is threading.main_thread():
+        return _popen(argv, pass_fds, log_fd)
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = concurrent.futures.ThreadPoolExecutor(1, "vmpilot-spawner")
+    return _spawner.submit(_popen, argv, pass_fds, log_fd).result()
+
+
+def describe_status(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exit status {returncode}"
