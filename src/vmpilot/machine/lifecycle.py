@@ -39,7 +39,7 @@ def sweep_stale_dirs(force: bool = False) -> list[str]:
     if _swept and not force:
         return []
     _swept = True
-    removed = []
+    removed: list[str] = []
     base = tempfile.gettempdir()
     try:
         names = os.listdir(base)
