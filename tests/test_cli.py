@@ -1,0 +1,35 @@
+"""The `vmpilot` command, end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import QEMU
+
+
+def vmpilot(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmpilot", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_demo_runs_and_reports_phases() -> None:
+    r = vmpilot("demo", "--qemu", QEMU)
+    assert r.returncode == 0, r.stderr
+    for text in ("launched QEMU pid", "status:", "events: STOP", "exit code 0", "launch → QMP"):
+        assert text in r.stdout
+
+
+def test_error_is_one_line_and_exit_status_1() -> None:
+    r = vmpilot("demo", "--qemu", "/no/such/qemu")
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("vmpilot: error: QEMU binary")
+    assert "Traceback" not in r.stderr
+
+
+def test_help_and_version() -> None:
+    assert vmpilot("--help").returncode == 0
+    assert "demo" in vmpilot("demo", "--help").stdout
+    assert vmpilot("--version").stdout.startswith("vmpilot ")
+    assert vmpilot().returncode == 2
