@@ -140,6 +140,9 @@ def main() -> None:
     qemu = os.environ.get("VMPILOT_QEMU") or shutil.which("qemu-system-x86_64")
     tmp = tempfile.mkdtemp(prefix="bench-qmp-")
     path = os.path.join(tmp, "qmp.sock")
+    # -qmp (the unix server all contenders use) comes before a socketpair
+    # monitor: once that one greets us, the listening socket exists. No polling.
+    ours, theirs = socket.socketpair()
     proc = subprocess.Popen(
         [
             str(qemu),
@@ -149,15 +152,20 @@ def main() -> None:
             "-display",
             "none",
             "-qmp",
-            f"unix:{path},server=on,wait=on",
+            f"unix:{path},server=on,wait=off",
+            "-chardev",
+            f"socket,id=ready,fd={theirs.fileno()}",
+            "-mon",
+            "chardev=ready,mode=control",
         ],
+        pass_fds=[theirs.fileno()],
         stderr=subprocess.DEVNULL,
     )
+    theirs.close()
     try:
-        while not os.path.exists(path):  # wait=on: QEMU blocks until we connect
-            if proc.poll() is not None:
-                raise SystemExit("QEMU did not start")
-            time.sleep(0.01)
+        ours.settimeout(30)
+        if not ours.recv(4096).startswith(b'{"QMP"'):
+            raise SystemExit("QEMU did not start")
         times: dict[str, list[Sample]] = {name: [] for name, _ in CONTENDERS}
         skipped: dict[str, str] = {}
         for _ in range(args.repeats):  # interleaved, so drift hits everyone alike
@@ -187,6 +195,7 @@ def main() -> None:
                 f"| {cpu / med(floor, 1):.2f}× |"
             )
     finally:
+        ours.close()
         proc.kill()
         proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)

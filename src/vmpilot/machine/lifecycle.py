@@ -244,6 +244,21 @@ class Lifecycle:
         exc.__cause__ = cause
         return exc
 
+    def check_shutdown(self, method: str, what: str, cause: BaseException | None) -> None:
+        """The verdict on a finished graceful shutdown: raise unless QEMU
+        exited with status 0 without being killed."""
+        if cause is not None:
+            raise self.abnormal(what, cause)
+        err = self.crash_error()
+        if err is not None:
+            raise err
+        if self.exit_code not in (None, 0):
+            tail = self.log.rstrip()[-TAIL:]
+            raise AbnormalShutdown(
+                f"QEMU exited with status {self.exit_code} on {method}"
+                + (f"\nQEMU's log (tail):\n{tail}" if tail else "")
+            )
+
     def crash_error(self) -> AbnormalShutdown | None:
         """An error for a crash nobody was told about yet (then never again)."""
         with self._lock:

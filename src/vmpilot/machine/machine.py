@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from .._util.deadline import Deadline
-from ..errors import AbnormalShutdown, LaunchError, QMPError, Timeout, VMError
+from ..errors import LaunchError, QMPError, Timeout, VMError
 from ..qmp import AsyncQMPClient, Event, QMPClient
 from ..qmp.events import NameFilter
 from ..qmp.sync import TimeoutArg
@@ -220,14 +220,7 @@ class Machine(_Common):
                 self._finish()
                 raise
             self._finish()
-            if cause is not None:
-                raise life.abnormal(what, cause)
-            self._raise_unreported_crash()
-            if life.exit_code not in (None, 0):
-                raise AbnormalShutdown(
-                    f"QEMU exited with status {life.exit_code} on {method}; log:\n"
-                    + life.log.rstrip()[-4000:]
-                )
+            life.check_shutdown(method, what, cause)
 
     def wait(self, timeout: float | None = WAIT_TIMEOUT) -> int | None:
         """Wait for a VM expected to exit by itself (sends nothing); returns its
@@ -397,14 +390,7 @@ class AsyncMachine(_Common):
                 await self._finish()
                 raise
             await self._finish()
-            if cause is not None:
-                raise life.abnormal(what, cause)
-            self._raise_unreported_crash()
-            if life.exit_code not in (None, 0):
-                raise AbnormalShutdown(
-                    f"QEMU exited with status {life.exit_code} on {method}; log:\n"
-                    + life.log.rstrip()[-4000:]
-                )
+            life.check_shutdown(method, what, cause)
 
     async def wait(self, timeout: float | None = WAIT_TIMEOUT) -> int | None:
         """See `Machine.wait`."""
