@@ -174,3 +174,16 @@ def wait_until(predicate: Any, timeout: float = 5.0, what: str = "condition") ->
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0)
+
+
+@pytest.fixture(scope="session")
+def linux_guest() -> Any:
+    """The bundled Linux guest, built (or reused from the cache) once per run."""
+    import time
+
+    from vmpilot import guest
+
+    t0 = time.monotonic()
+    image = guest.default()
+    print(f"\nbundled guest {image.kernel_release} ready in {time.monotonic() - t0:.1f} s")
+    return image

@@ -126,6 +126,7 @@ class MachineConfig:
     serial: bool = False
     no_reboot: bool = False
     name: str | None = None
+    log_dir: str | None = None  # keep qemu.log / console.log in a subdir of this
     extra_args: Sequence[str] = ()
 
     def resolve_accel(self) -> tuple[str, str]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from ..errors import AbnormalShutdown, LaunchError
 from . import process
-from .config import MachineConfig, options
+from .config import ConfigError, MachineConfig, options
 
 log = logging.getLogger("vmpilot.machine")
 
@@ -82,6 +82,8 @@ class Lifecycle:
         self.accel_reason = ""
         self.temp_dir: str | None = None
         self.log_path: str | None = None
+        self.console_path: str | None = None
+        self.kept_log_dir: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd = -1
         self.returncode: int | None = None
@@ -89,15 +91,17 @@ class Lifecycle:
         self.crash_reported = False
         self._signals_sent: set[int] = set()
         self._log_text: str | None = None
+        self._console_text: str | None = None
         self._lock = threading.RLock()
         self._cleaned = False
         self.on_cleanup: list[Callable[[], None]] = []
 
     # -- launching --------------------------------------------------------
 
-    def start(self) -> socket.socket:
-        """Validate, make the temp dir, spawn QEMU; returns our end of the QMP
-        socketpair. On failure everything made so far is undone."""
+    def start(self) -> tuple[socket.socket, socket.socket | None]:
+        """Validate, make the temp dir, spawn QEMU; returns our ends of the QMP
+        and (with `serial=True`) console socketpairs. On failure everything
+        made so far is undone."""
         with self._lock:
             if self.state is not State.NEW:
                 raise LaunchError(f"a Machine is launched once; this one is {self.state.value}")
@@ -108,6 +112,8 @@ class Lifecycle:
             self.accel, self.accel_reason = cfg.resolve_accel()
             argv = cfg.to_argv(self.accel)
             argv[0] = qemu
+            if cfg.log_dir is not None and not os.path.isdir(cfg.log_dir):
+                raise ConfigError(f"log_dir {cfg.log_dir!r} is not a directory")
         except LaunchError:
             self.state = State.FAILED
             raise
@@ -116,33 +122,44 @@ class Lifecycle:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name or "")[:40]
         prefix = f"vmpilot-{os.getpid()}-" + (f"{safe}-" if safe else "")
         self.temp_dir = tempfile.mkdtemp(prefix=prefix)  # 0700
-        self.log_path = os.path.join(self.temp_dir, "qemu.log")
+        logs = tempfile.mkdtemp(prefix=f"{safe or 'vm'}-", dir=cfg.log_dir) if cfg.log_dir else None
+        self.kept_log_dir = logs
+        self.log_path = os.path.join(logs or self.temp_dir, "qemu.log")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        serial: tuple[socket.socket, socket.socket] | None = None
         log_fd = -1
         try:
-            fd = theirs.fileno()
-            argv += ["-chardev", options("socket", id="vmpilot-qmp", fd=fd)]
+            fds = [theirs.fileno()]
+            argv += ["-chardev", options("socket", id="vmpilot-qmp", fd=fds[0])]
             argv += ["-mon", "chardev=vmpilot-qmp,mode=control"]
             if cfg.serial:
-                argv += ["-serial", "file:" + os.path.join(self.temp_dir, "console.log")]
+                serial = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                fds.append(serial[1].fileno())
+                argv += ["-chardev", options("socket", id="vmpilot-serial", fd=fds[1])]
+                argv += ["-serial", "chardev:vmpilot-serial"]
+                self.console_path = os.path.join(logs or self.temp_dir, "console.log")
             self.argv = argv
             log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                self.proc = process.spawn(argv, [fd], log_fd)
+                self.proc = process.spawn(argv, fds, log_fd)
             except OSError as exc:
                 raise LaunchError(f"cannot start QEMU: {exc}", argv=argv) from exc
             self.pidfd = os.pidfd_open(self.proc.pid)
             log.debug("launched pid %d: %s", self.proc.pid, " ".join(argv))
         except BaseException:
             ours.close()
+            if serial is not None:
+                serial[0].close()
             self.state = State.FAILED
             self.cleanup()
             raise
         finally:
             theirs.close()
+            if serial is not None:
+                serial[1].close()
             if log_fd >= 0:
                 os.close(log_fd)
-        return ours
+        return ours, serial[0] if serial is not None else None
 
     def launch_failed(self, why: str, cause: BaseException | None) -> LaunchError:
         """Kill what is left, clean up, and describe the failure."""
@@ -212,18 +229,20 @@ class Lifecycle:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        self._log_text = self._read_log()
+        self._log_text = self._read_log(self.log_path)
+        self._console_text = self._read_log(self.console_path)
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
         if self.state is not State.FAILED:
             self.state = State.STOPPED
 
-    def _read_log(self) -> str:
-        if self.log_path is None:
+    @staticmethod
+    def _read_log(path: str | None) -> str:
+        if path is None:
             return ""
         try:
-            with open(self.log_path, "rb") as f:
+            with open(path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - LOG_KEEP))
                 return f.read().decode(errors="replace")
@@ -233,7 +252,14 @@ class Lifecycle:
     @property
     def log(self) -> str:
         """What QEMU printed (stdout and stderr); kept after cleanup."""
-        return self._log_text if self._log_text is not None else self._read_log()
+        return self._log_text if self._log_text is not None else self._read_log(self.log_path)
+
+    @property
+    def console_log(self) -> str:
+        """The serial console transcript (tail); kept after cleanup."""
+        if self._console_text is not None:
+            return self._console_text
+        return self._read_log(self.console_path)
 
     def abnormal(self, what: str, cause: BaseException | None) -> AbnormalShutdown:
         tail = self.log.rstrip()[-TAIL:]

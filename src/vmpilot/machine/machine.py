@@ -20,10 +20,12 @@ from types import TracebackType
 from typing import Any, Literal
 
 from .._util.deadline import Deadline
+from ..console import AsyncConsole, Console
 from ..errors import LaunchError, QMPError, Timeout, VMError
 from ..qmp import AsyncQMPClient, Event, QMPClient
 from ..qmp.events import NameFilter
 from ..qmp.sync import TimeoutArg
+from ..shell import AsyncShell, Shell
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 
@@ -106,6 +108,20 @@ class _Common:
     def temp_dir(self) -> str | None:
         return self._life.temp_dir
 
+    @property
+    def console_log(self) -> str:
+        """The serial console transcript (kept after the VM is gone)."""
+        return self._life.console_log
+
+    @property
+    def log_dir(self) -> str | None:
+        """Where qemu.log and console.log are kept (with `log_dir=` in the config)."""
+        return self._life.kept_log_dir
+
+    def _vm_name(self) -> str:
+        proc = self._life.proc
+        return self.config.name or (f"QEMU pid {proc.pid}" if proc else "QEMU")
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.config.name or ''} pid={self.pid} {self.state}>"
 
@@ -121,6 +137,7 @@ class Machine(_Common):
     def __init__(self, config: MachineConfig | None = None, **overrides: Any) -> None:
         self._life = Lifecycle(_config(config, overrides))
         self._qmp: QMPClient | None = None
+        self._console: Console | None = None
         self._exited = threading.Event()
         self._watcher: threading.Thread | None = None
         self._op_lock = threading.Lock()
@@ -129,7 +146,10 @@ class Machine(_Common):
         """Start QEMU; return once QMP is negotiated, or raise `LaunchError`."""
         life = self._life
         deadline = Deadline(timeout)
-        sock = life.start()
+        sock, serial = life.start()
+        if serial is not None:
+            self._console = Console(serial, life.console_path, self._vm_name())
+            life.on_cleanup.append(self._console.close)
         try:
             self._qmp = QMPClient.connect(sock, connect_timeout=deadline.remaining())
         except Timeout as exc:
@@ -140,7 +160,7 @@ class Machine(_Common):
             raise life.launch_failed(f"QMP failed ({exc})", exc) from exc
         except BaseException as exc:
             raise life.launch_failed(f"interrupted ({exc!r})", exc) from exc
-        life.on_cleanup.append(self._qmp.close)
+        life.on_cleanup.insert(0, self._qmp.close)
         life.state = State.RUNNING
         self._watcher = threading.Thread(
             target=self._watch,
@@ -162,7 +182,19 @@ class Machine(_Common):
         if life.state is State.RUNNING:  # nobody asked: it died or exited on its own
             life.cleanup()
 
-    # -- QMP --------------------------------------------------------------
+    # -- channels ---------------------------------------------------------
+
+    @property
+    def console(self) -> Console:
+        """The serial console (needs `serial=True`); stays readable after the VM stops."""
+        if self._console is None:
+            raise VMError("this VM has no console: configure it with serial=True")
+        return self._console
+
+    @property
+    def shell(self) -> Shell:
+        """Run commands in the guest's console shell (the bundled guest's prompt)."""
+        return Shell(self.console)
 
     @property
     def qmp(self) -> QMPClient:
@@ -284,6 +316,7 @@ class AsyncMachine(_Common):
     def __init__(self, config: MachineConfig | None = None, **overrides: Any) -> None:
         self._life = Lifecycle(_config(config, overrides))
         self._qmp: AsyncQMPClient | None = None
+        self._console: AsyncConsole | None = None
         self._exited: asyncio.Event | None = None
         self._op_lock: asyncio.Lock | None = None
 
@@ -294,7 +327,10 @@ class AsyncMachine(_Common):
         deadline = Deadline(timeout)
         self._exited = asyncio.Event()
         self._op_lock = asyncio.Lock()
-        sock = life.start()
+        sock, serial = life.start()
+        if serial is not None:
+            self._console = AsyncConsole(serial, life.console_path, self._vm_name())
+            life.on_cleanup.append(self._console.close)
         loop.add_reader(life.pidfd, self._on_exit)
         life.on_cleanup.append(lambda: self._stop_watching(loop))
         try:
@@ -336,6 +372,17 @@ class AsyncMachine(_Common):
         except asyncio.TimeoutError:
             return False
         return True
+
+    @property
+    def console(self) -> AsyncConsole:
+        """The serial console (needs `serial=True`)."""
+        if self._console is None:
+            raise VMError("this VM has no console: configure it with serial=True")
+        return self._console
+
+    @property
+    def shell(self) -> AsyncShell:
+        return AsyncShell(self.console)
 
     @property
     def qmp(self) -> AsyncQMPClient:
