@@ -33,8 +33,10 @@ def test_boot_shell_and_acpi_powerdown(linux_guest: GuestImage) -> None:
         assert (status, out) == (7, "out\nerr\n")
         t1 = time.monotonic()
         vm.shutdown(method="powerdown", timeout=30)  # no AbnormalShutdown: the guest powered off
-        print(f"boot→prompt {boot_s:.1f} s (accel {vm.accel}), powerdown→exit "
-              f"{time.monotonic() - t1:.2f} s")
+        print(
+            f"boot→prompt {boot_s:.1f} s (accel {vm.accel}), powerdown→exit "
+            f"{time.monotonic() - t1:.2f} s"
+        )
     assert vm.exit_code == 0 and "powering off" in vm.console_log
 
 
