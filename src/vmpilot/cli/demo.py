@@ -1,58 +1,61 @@
-"""`vmpilot demo`: launch a VM, talk to it over QMP, shut it down by the
-contract, and say how long each phase took."""
+"""`vmpilot demo`: build (or reuse) the bundled guest, boot it, run a command
+on its console, query it over QMP, power it down, and time each phase."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
+from .. import guest
+from .._util.progress import Progress
 from ..machine import Machine
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
-        help="launch a VM, talk to it, shut it down",
-        description="Launch a QEMU VM (-machine none), query it over QMP, watch events, "
-        "and shut it down gracefully, timing each phase.",
+        help="boot the bundled guest, talk to it, power it down",
+        description="Build (or reuse) the bundled Linux guest, boot it, run a command over "
+        "the serial console, query QMP, and shut down gracefully by ACPI power-down, "
+        "printing how long each phase took.",
     )
     p.add_argument("--qemu", help="QEMU binary (default: $VMPILOT_QEMU or qemu-system-x86_64)")
+    p.add_argument("--accel", help="accelerator (default: auto: KVM only where it is real KVM)")
+    p.add_argument("--command", default="uname -a", help="command to run in the guest")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    kw = {"qemu": args.qemu} if args.qemu else {}
-    phases: list[tuple[str, float]] = []
-    t = time.perf_counter()
-    vm = Machine(machine="none", memory=32, name="demo", **kw)
-    with vm:
-        phases.append(("launch → QMP ready", time.perf_counter() - t))
-        print(f"launched QEMU pid {vm.pid} (accel {vm.accel}: {vm.accel_reason})")
-        t = time.perf_counter()
-        version = vm.execute("query-version")["qemu"]
-        status = vm.execute("query-status")
+    progress = Progress()
+    with progress.phase("guest build (cached after the first run)"):
+        image = guest.default()
+    print(f"guest: Linux {image.kernel_release}, {image.path}")
+    overrides = {k: v for k, v in (("qemu", args.qemu), ("accel", args.accel)) if v}
+    vm = Machine(image.config(name="demo", **overrides))
+    with progress.phase("boot to the shell prompt"):
+        vm.launch()
+        vm.shell.wait_ready(timeout=180)
+    try:
+        print(f"booted: QEMU pid {vm.pid}, accel {vm.accel} ({vm.accel_reason})")
+        with progress.phase("console command"):
+            status, output = vm.shell.run(args.command, timeout=60)
+        print(f"guest$ {args.command}  (exit status {status})")
+        print(output.rstrip())
+        with progress.phase("QMP queries"):
+            run_state = vm.execute("query-status")
+            cpus = vm.execute("query-cpus-fast")
+        print(f"query-status: {json.dumps(run_state)}")
         print(
-            f"QEMU {version['major']}.{version['minor']}.{version['micro']}, "
-            f"status: {json.dumps(status)}"
+            f"query-cpus-fast: {len(cpus)} vCPU(s): "
+            + ", ".join(f"#{c['cpu-index']} thread {c['thread-id']} ({c['target']})" for c in cpus)
         )
-        vm.execute("stop")
-        stop = vm.wait_event("STOP", timeout=5)
-        vm.execute("cont")
-        resume = vm.wait_event("RESUME", timeout=5)
-        print(
-            f"events: {stop.name} at {stop.timestamp:.6f}, {resume.name} at {resume.timestamp:.6f}"
-        )
-        n = 200
-        t2 = time.perf_counter()
-        for _ in range(n):
-            vm.execute("query-status")
-        rt = (time.perf_counter() - t2) / n
-        print(f"{n} query-status round trips: {rt * 1e6:.0f} µs each")
-        phases.append(("talk (QMP)", time.perf_counter() - t))
-        t = time.perf_counter()
-    phases.append(("shutdown (quit) → reaped", time.perf_counter() - t))
-    print(f"shut down: state {vm.state}, exit code {vm.exit_code}")
-    for name, seconds in phases:
-        print(f"  {name:<26} {seconds * 1e3:8.1f} ms")
+        with progress.phase("ACPI power-down → QEMU exit"):
+            vm.shutdown(method="powerdown", timeout=60)
+    except BaseException:
+        vm.kill()
+        raise
+    print(f"powered off: exit code {vm.exit_code}")
+    print("phases:")
+    for name, seconds in progress.timings:
+        print(f"  {name:<44} {seconds:7.2f} s")
     return 0
