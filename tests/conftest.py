@@ -177,13 +177,19 @@ def wait_until(predicate: Any, timeout: float = 5.0, what: str = "condition") ->
 
 
 @pytest.fixture(scope="session")
-def linux_guest() -> Any:
-    """The bundled Linux guest, built (or reused from the cache) once per run."""
+def linux_guest(request: pytest.FixtureRequest) -> Any:
+    """The bundled Linux guest, built (or reused from the cache) once per run;
+    the time it took is printed (CI shows the first build's)."""
     import time
 
     from vmpilot import guest
 
     t0 = time.monotonic()
     image = guest.default()
-    print(f"\nbundled guest {image.kernel_release} ready in {time.monotonic() - t0:.1f} s")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"\nbundled guest {image.kernel_release} ready in {time.monotonic() - t0:.1f} s "
+            f"({image.path})"
+        )
     return image

@@ -20,6 +20,7 @@ from ..errors import Disconnected, ProtocolError, Timeout
 from . import _transport
 from .events import EventLog, Listener, NameFilter, describe, event_matches
 from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, QMPProtocol, Reply
+from .schema import Schema
 from .sync import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, TimeoutArg
 
 _RECV = 65536
@@ -57,6 +58,8 @@ class AsyncQMPClient:
         self._greeting: asyncio.Future[Greeting] = self._loop.create_future()
         self._wbuf: collections.deque[tuple[memoryview, Sequence[int]]] = collections.deque()
         self._closed_reason: str | None = None
+        self.schema: Schema | None = None
+        self.validate = False  # check commands against `schema` before sending
         self._loop.add_reader(self._fd, self._on_readable)
 
     # -- connecting -------------------------------------------------------
@@ -72,13 +75,17 @@ class AsyncQMPClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         history: int = 1000,
         max_line: int = DEFAULT_MAX_LINE,
+        validate: bool = False,
     ) -> _Connecting:
         """Connect, read the greeting and (by default) negotiate capabilities.
 
-        Await the result, or use it directly in `async with`.
+        Await the result, or use it directly in `async with`. `validate=True`:
+        see `QMPClient.connect`.
         """
         return _Connecting(
-            cls._connect(address, negotiate, oob, connect_timeout, timeout, history, max_line)
+            cls._connect(
+                address, negotiate, oob, connect_timeout, timeout, history, max_line, validate
+            )
         )
 
     @classmethod
@@ -91,6 +98,7 @@ class AsyncQMPClient:
         timeout: float | None,
         history: int,
         max_line: int,
+        validate: bool,
     ) -> AsyncQMPClient:
         deadline = Deadline(connect_timeout)
         name = _transport.describe(address)
@@ -103,6 +111,9 @@ class AsyncQMPClient:
             await client.read_greeting(timeout=deadline.remaining())
             if negotiate:
                 await client.negotiate(oob=oob, timeout=deadline.remaining())
+            if validate:
+                await client.fetch_schema(timeout=deadline.remaining())
+                client.validate = True
         except BaseException:
             client.close()
             raise
@@ -168,6 +179,13 @@ class AsyncQMPClient:
         result: dict[str, Any] = await self._execute("add-fd", args, False, fds, timeout)
         return result
 
+    async def fetch_schema(self, *, timeout: TimeoutArg = ...) -> Schema:
+        """QEMU's `query-qmp-schema`, fetched once per connection."""
+        if self.schema is None:
+            entries = await self._execute("query-qmp-schema", None, False, (), timeout)
+            self.schema = Schema(entries)
+        return self.schema
+
     async def _execute(
         self,
         name: str,
@@ -176,6 +194,8 @@ class AsyncQMPClient:
         fds: Sequence[int],
         timeout: TimeoutArg,
     ) -> Any:
+        if self.validate and self.schema is not None:
+            self.schema.validate(name, arguments)
         deadline = self._deadline(timeout)
         self._check_open()
         id_, data = self._core.send_command(name, arguments, oob=oob)

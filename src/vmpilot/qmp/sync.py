@@ -19,6 +19,7 @@ from ..errors import Disconnected, ProtocolError, Timeout
 from . import _transport
 from .events import EventLog, Listener, NameFilter, describe
 from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, QMPProtocol, Reply
+from .schema import Schema
 
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
@@ -53,6 +54,8 @@ class QMPClient:
         self._replies: dict[int, Reply | ErrorReply] = {}
         self._lock = threading.Lock()
         self._closed_reason: str | None = None
+        self.schema: Schema | None = None
+        self.validate = False  # check commands against `schema` before sending
         sock.setblocking(True)
 
     # -- connecting -------------------------------------------------------
@@ -68,8 +71,12 @@ class QMPClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         history: int = 1000,
         max_line: int = DEFAULT_MAX_LINE,
+        validate: bool = False,
     ) -> QMPClient:
-        """Connect, read the greeting and (by default) negotiate capabilities."""
+        """Connect, read the greeting and (by default) negotiate capabilities.
+
+        `validate=True` fetches QEMU's schema once and checks every command
+        against it before sending (`ValidationError`, with suggestions)."""
         deadline = Deadline(connect_timeout)
         name = _transport.describe(address)
         if isinstance(address, (socket.socket, int)):
@@ -81,6 +88,9 @@ class QMPClient:
             client.read_greeting(timeout=deadline.remaining())
             if negotiate:
                 client.negotiate(oob=oob, timeout=deadline.remaining())
+            if validate:
+                client.fetch_schema(timeout=deadline.remaining())
+                client.validate = True
         except BaseException:
             client.close()
             raise
@@ -151,6 +161,12 @@ class QMPClient:
         )
         return result
 
+    def fetch_schema(self, *, timeout: TimeoutArg = ...) -> Schema:
+        """QEMU's `query-qmp-schema`, fetched once per connection."""
+        if self.schema is None:
+            self.schema = Schema(self._execute("query-qmp-schema", None, False, (), timeout))
+        return self.schema
+
     def _execute(
         self,
         name: str,
@@ -159,6 +175,8 @@ class QMPClient:
         fds: Sequence[int],
         timeout: TimeoutArg,
     ) -> Any:
+        if self.validate and self.schema is not None:
+            self.schema.validate(name, arguments)
         deadline = self._deadline(timeout)
         with self._lock:
             self._check_open()
