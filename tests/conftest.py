@@ -106,6 +106,7 @@ class RawQemu:
         )
         theirs.close()
         self.sock: socket.socket | None = ours
+        self.qmp: Any = None
 
     def take_socket(self) -> socket.socket:
         sock, self.sock = self.sock, None
@@ -138,15 +139,17 @@ def qemu_unix(tmp_path: Any) -> Iterator[tuple[RawQemu, str]]:
     path = str(tmp_path / "qmp.sock")
     # -qmp comes first on the command line: once the socketpair monitor (set
     # up after it) greets us, the listening socket exists. No polling.
+    # The socketpair monitor stays usable as `q.qmp` (a QMPClient).
+    from vmpilot.qmp import QMPClient
+
     q = RawQemu(["-qmp", f"unix:{path},server=on,wait=off"], first=True)
     try:
-        sock = q.sock
-        assert sock is not None
-        sock.settimeout(10)
-        assert sock.recv(4096).startswith(b'{"QMP"')
+        q.qmp = QMPClient.connect(q.take_socket())
         assert os.path.exists(path)
         yield q, path
     finally:
+        if q.qmp is not None:
+            q.qmp.close()
         q.stop()
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 from ._util.deadline import Deadline
@@ -25,6 +26,8 @@ from .errors import GuestError, Timeout
 
 PatternArg = Union[str, bytes, "re.Pattern[str]", "re.Pattern[bytes]"]
 Patterns = Union[PatternArg, Sequence[PatternArg]]  # noqa: UP007
+
+log = logging.getLogger("vmpilot.console")
 
 DEFAULT_TIMEOUT = 30.0
 MAX_BUFFER = 4 * 1024 * 1024  # unconsumed bytes kept for matching
@@ -170,6 +173,9 @@ class _ConsoleBase:
         )
         self.closed_reason: str | None = None
         self.fail_patterns: list[PatternArg] = []
+        # called with every chunk as it arrives (from the reader), e.g. to
+        # mirror the console on a terminal; expect() still sees everything
+        self.listeners: list[Callable[[bytes], object]] = []
 
     @property
     def received(self) -> int:
@@ -181,6 +187,11 @@ class _ConsoleBase:
         return self._buf.tail()
 
     def _on_data(self, chunk: bytes) -> None:
+        for listener in self.listeners:
+            try:
+                listener(chunk)
+            except Exception:
+                log.exception("console listener %r failed", listener)
         self._buf.feed(chunk)
         if self._transcript_fd >= 0:
             with contextlib.suppress(OSError):

@@ -127,6 +127,7 @@ class MachineConfig:
     no_reboot: bool = False
     name: str | None = None
     log_dir: str | None = None  # keep qemu.log / console.log in a subdir of this
+    expose_qmp: bool = False  # also serve QMP on a unix socket (vm.qmp_path) for other tools
     extra_args: Sequence[str] = ()
 
     def resolve_accel(self) -> tuple[str, str]:

@@ -83,6 +83,7 @@ class Lifecycle:
         self.temp_dir: str | None = None
         self.log_path: str | None = None
         self.console_path: str | None = None
+        self.qmp_path: str | None = None
         self.kept_log_dir: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd = -1
@@ -132,6 +133,9 @@ class Lifecycle:
             fds = [theirs.fileno()]
             argv += ["-chardev", options("socket", id="vmpilot-qmp", fd=fds[0])]
             argv += ["-mon", "chardev=vmpilot-qmp,mode=control"]
+            if cfg.expose_qmp:
+                self.qmp_path = os.path.join(self.temp_dir, "qmp.sock")
+                argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
             if cfg.serial:
                 serial = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 fds.append(serial[1].fileno())

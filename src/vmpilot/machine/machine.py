@@ -109,6 +109,16 @@ class _Common:
         return self._life.temp_dir
 
     @property
+    def qmp_path(self) -> str | None:
+        """The unix socket other tools can use (`expose_qmp=True`), while running."""
+        return self._life.qmp_path if self._life.temp_dir else None
+
+    @property
+    def pidfd(self) -> int:
+        """A pidfd of QEMU (readable once it exits), -1 when there is none."""
+        return self._life.pidfd
+
+    @property
     def console_log(self) -> str:
         """The serial console transcript (kept after the VM is gone)."""
         return self._life.console_log
