@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 QEMU = os.environ.get("VMPILOT_QEMU") or shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 QEMU_NONE = [QEMU, "-machine", "none", "-nodefaults", "-display", "none", "-no-user-config"]
 
