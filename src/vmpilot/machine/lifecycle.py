@@ -84,6 +84,7 @@ class Lifecycle:
         self.log_path: str | None = None
         self.console_path: str | None = None
         self.qmp_path: str | None = None
+        self.preset_fds: list[tuple[int, int, str | None]] = []  # -add-fd before launch
         self.kept_log_dir: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.pidfd = -1
@@ -130,7 +131,9 @@ class Lifecycle:
         serial: tuple[socket.socket, socket.socket] | None = None
         log_fd = -1
         try:
-            fds = [theirs.fileno()]
+            fds = [theirs.fileno(), *(fd for fd, _, _ in self.preset_fds)]
+            for fd, fdset, opaque in self.preset_fds:
+                argv += ["-add-fd", options(None, fd=fd, set=fdset, opaque=opaque)]
             argv += ["-chardev", options("socket", id="vmpilot-qmp", fd=fds[0])]
             argv += ["-mon", "chardev=vmpilot-qmp,mode=control"]
             if cfg.expose_qmp:

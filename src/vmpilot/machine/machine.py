@@ -23,6 +23,7 @@ from .._util.deadline import Deadline
 from ..console import AsyncConsole, Console
 from ..errors import LaunchError, QMPError, Timeout, VMError
 from ..qmp import AsyncQMPClient, Event, QMPClient
+from ..qmp._transport import check_fd
 from ..qmp.events import NameFilter
 from ..qmp.sync import TimeoutArg
 from ..shell import AsyncShell, Shell
@@ -128,6 +129,13 @@ class _Common:
         """Where qemu.log and console.log are kept (with `log_dir=` in the config)."""
         return self._life.kept_log_dir
 
+    def _preset_fd(self, fd: int, fdset_id: int, opaque: str | None) -> None:
+        """Before launch: QEMU gets `fd` through `-add-fd` (fd set `fdset_id`)."""
+        check_fd(fd)
+        if isinstance(fdset_id, bool) or not isinstance(fdset_id, int) or fdset_id < 0:
+            raise ValueError(f"fdset_id must be an int >= 0, not {fdset_id!r}")
+        self._life.preset_fds.append((fd, fdset_id, opaque))
+
     def _vm_name(self) -> str:
         proc = self._life.proc
         return self.config.name or (f"QEMU pid {proc.pid}" if proc else "QEMU")
@@ -217,6 +225,19 @@ class Machine(_Common):
         self, name: str, arguments: Mapping[str, Any] | None = None, *, timeout: TimeoutArg = ...
     ) -> Any:
         return self.qmp.execute(name, arguments, timeout=timeout)
+
+    def add_fd(self, fd: int, fdset_id: int, opaque: str | None = None) -> dict[str, Any] | None:
+        """Put `fd` in fd set `fdset_id` (usable as `/dev/fdset/ID`): before
+        launch through `-add-fd`, on a running VM through QMP `add-fd` (which
+        returns QEMU's `{"fdset-id", "fd"}`)."""
+        if self._life.state is State.NEW:
+            self._preset_fd(fd, fdset_id, opaque)
+            return None
+        return self.qmp.add_fd(fd, fdset_id=fdset_id, opaque=opaque)
+
+    def send_fd(self, fd: int, name: str) -> None:
+        """Give a running QEMU `fd` under `name` (SCM_RIGHTS + `getfd`)."""
+        self.qmp.send_fd(fd, name)
 
     def wait_event(
         self,
@@ -404,6 +425,19 @@ class AsyncMachine(_Common):
         self, name: str, arguments: Mapping[str, Any] | None = None, *, timeout: TimeoutArg = ...
     ) -> Any:
         return await self.qmp.execute(name, arguments, timeout=timeout)
+
+    async def add_fd(
+        self, fd: int, fdset_id: int, opaque: str | None = None
+    ) -> dict[str, Any] | None:
+        """See `Machine.add_fd`."""
+        if self._life.state is State.NEW:
+            self._preset_fd(fd, fdset_id, opaque)
+            return None
+        return await self.qmp.add_fd(fd, fdset_id=fdset_id, opaque=opaque)
+
+    async def send_fd(self, fd: int, name: str) -> None:
+        """See `Machine.send_fd`."""
+        await self.qmp.send_fd(fd, name)
 
     async def wait_event(
         self,
