@@ -207,3 +207,10 @@ def _catch(fn: object) -> BaseException:
     except BaseException as exc:
         return exc
     raise AssertionError("no exception")
+
+
+def test_zero_timeout_is_a_timeout_not_a_socket_error(raw_qemu: RawQemu) -> None:
+    with QMPClient.connect(raw_qemu.take_socket()) as qmp:
+        with pytest.raises(Timeout, match="after 0 s"):
+            qmp.wait_event("NEVER", timeout=0)
+        assert qmp.execute("query-name") == {}  # an event wait does not break it

@@ -31,7 +31,13 @@ from . import deb
 from .cpio import CpioWriter
 
 KERNEL_META = "linux-image-cloud-amd64"  # LZ4-compressed: boots ~2x faster under TCG
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
+
+# qemu-ga's guest-shutdown runs `/sbin/shutdown -P|-H|-r +0 ...`; busybox has
+# no shutdown applet.
+SHUTDOWN_SHIM = """#!/bin/sh
+case "$1" in -r) reboot -f ;; -H) halt -f ;; *) poweroff -f ;; esac
+"""
 PROMPT = "guest# "
 READY = "vmpilot-guest: ready"
 DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet"
@@ -86,6 +92,7 @@ class GuestImage:
     append: str = DEFAULT_APPEND
     kernel_release: str = ""
     path: str = ""
+    agent: bool = False  # qemu-ga is in the initramfs
 
     def config(self, *, options: str = "", **overrides: Any) -> MachineConfig:
         """A `MachineConfig` that boots this guest with its serial console on.
@@ -101,6 +108,7 @@ class GuestImage:
             append=append,
             serial=True,
             no_reboot=True,
+            agent=self.agent,
         )
         values.update(overrides)
         return MachineConfig(**values)
@@ -118,11 +126,11 @@ def _init_script() -> str:
     return resources.files("vmpilot.guest").joinpath("init.sh").read_text()
 
 
-def _key(debs: dict[str, str], init: str) -> str:
+def _key(debs: dict[str, str], init: str, agent: bool) -> str:
     with open(__file__, "rb") as f:
         me = f.read()
     blob = json.dumps(
-        [sorted(os.path.basename(d) for d in debs.values()), init, BUILDER_VERSION,
+        [sorted(os.path.basename(d) for d in debs.values()), init, BUILDER_VERSION, agent,
          hashlib.sha256(me).hexdigest()]
     )  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -142,15 +150,16 @@ def _busybox_applets(busybox: bytes, tmp: str) -> list[str]:
     return out.split()
 
 
-def _newest_built(root: str) -> GuestImage | None:
-    manifests = [
-        os.path.join(root, d, "manifest.json")
-        for d in os.listdir(root)
+def _newest_built(root: str, agent: bool) -> GuestImage | None:
+    images = [
+        _load(os.path.join(root, d))
+        for d in (os.listdir(root) if os.path.isdir(root) else [])
         if os.path.exists(os.path.join(root, d, "manifest.json"))
-    ] if os.path.isdir(root) else []  # fmt: skip
-    if not manifests:
+    ]
+    images = [i for i in images if i.agent == agent]
+    if not images:
         return None
-    return _load(os.path.dirname(max(manifests, key=os.path.getmtime)))
+    return max(images, key=lambda i: os.path.getmtime(os.path.join(i.path, "manifest.json")))
 
 
 def _load(path: str) -> GuestImage:
@@ -161,14 +170,18 @@ def _load(path: str) -> GuestImage:
         initrd=os.path.join(path, "initramfs.cpio.gz"),
         kernel_release=m["kernel_release"],
         path=path,
+        agent=bool(m.get("agent")),
     )
 
 
 Progress = Callable[[str], None]
 
 
-def build(cache: str | None = None, *, progress: Progress | None = None) -> GuestImage:
-    """Build (or reuse) the default guest and return it."""
+def build(
+    cache: str | None = None, *, agent: bool = False, progress: Progress | None = None
+) -> GuestImage:
+    """Build (or reuse) the guest and return it; `agent=True` adds qemu-ga
+    (Debian's qemu-guest-agent with its libraries, and the virtio console)."""
     say = progress or (lambda _msg: None)
     root = cache or cache_root()
     guests = os.path.join(root, "guest")
@@ -176,7 +189,7 @@ def build(cache: str | None = None, *, progress: Progress | None = None) -> Gues
     t0 = time.monotonic()
     kernel_pkg = deb.resolve(KERNEL_META)
     if kernel_pkg is None:
-        existing = _newest_built(guests)
+        existing = _newest_built(guests, agent)
         if existing is not None:
             return existing  # offline, or no apt lists: the last good build
         raise deb.PackageError(
@@ -184,17 +197,18 @@ def build(cache: str | None = None, *, progress: Progress | None = None) -> Gues
             f"(as root) on a Debian machine, then build again"
         )
     with _locked(os.path.join(root, "guest.lock")):
-        debs = deb.fetch([kernel_pkg, "busybox-static"], debs_dir)
+        packages = [kernel_pkg, "busybox-static"] + (["qemu-guest-agent"] if agent else [])
+        debs = deb.fetch(packages, debs_dir)
         init = _init_script()
-        key = _key(debs, init)
+        key = _key(debs, init, agent)
         final = os.path.join(guests, key)
         if os.path.exists(os.path.join(final, "manifest.json")):
             return _load(final)
-        say(f"building the guest from {kernel_pkg} and busybox-static")
+        say(f"building the guest from {', '.join(packages)}")
         os.makedirs(guests, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=guests)
         try:
-            _write(tmp, debs, kernel_pkg, init, say)
+            _write(tmp, debs, kernel_pkg, init, agent, say)
             with open(os.path.join(tmp, "manifest.json")) as f:
                 manifest = json.load(f)
             manifest["build_seconds"] = round(time.monotonic() - t0, 2)
@@ -208,7 +222,9 @@ def build(cache: str | None = None, *, progress: Progress | None = None) -> Gues
         return _load(final)
 
 
-def _write(out: str, debs: dict[str, str], kernel_pkg: str, init: str, say: Progress) -> None:
+def _write(
+    out: str, debs: dict[str, str], kernel_pkg: str, init: str, agent: bool, say: Progress
+) -> None:
     wanted = {m for _, m in MODULES}
     kfiles = deb.extract(
         debs[kernel_pkg],
@@ -247,6 +263,8 @@ def _write(out: str, debs: dict[str, str], kernel_pkg: str, init: str, say: Prog
         cpio.file(f"lib/modules/{name}.ko", kfiles[path])
         lines.append(f"{group} {name}")
     cpio.file("etc/modules", "\n".join(lines) + "\n")
+    if agent:
+        _add_agent(cpio, debs["qemu-guest-agent"], out)
     initrd = gzip.compress(cpio.getvalue(), compresslevel=6, mtime=0)
     with open(os.path.join(out, "initramfs.cpio.gz"), "wb") as f:
         f.write(initrd)
@@ -256,14 +274,44 @@ def _write(out: str, debs: dict[str, str], kernel_pkg: str, init: str, say: Prog
         json.dump(
             {"kernel_release": release, "kernel_package": kernel_pkg,
              "debs": {p: os.path.basename(d) for p, d in debs.items()},
-             "initramfs_bytes": len(initrd), "modules": lines},
+             "initramfs_bytes": len(initrd), "modules": lines, "agent": agent},
             f, indent=2,
         )  # fmt: skip
 
 
-def default(*, progress: Progress | None = None) -> GuestImage:
-    """The bundled guest, built on first use and cached."""
-    return build(progress=progress)
+def _add_agent(cpio: CpioWriter, agent_deb: str, tmp: str) -> None:
+    """qemu-ga and the host's copies of the libraries it links (they are
+    dependencies of qemu-system-x86, so wherever QEMU runs they exist)."""
+    qga = deb.extract(agent_deb, lambda p: p == "usr/sbin/qemu-ga").get("usr/sbin/qemu-ga")
+    if qga is None:
+        raise GuestError(f"{agent_deb} holds no usr/sbin/qemu-ga")
+    path = os.path.join(tmp, "qemu-ga")
+    with open(path, "wb") as f:
+        f.write(qga)
+    os.chmod(path, 0o755)
+    try:
+        out = subprocess.run(
+            ["ldd", path], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    finally:
+        os.unlink(path)
+    for line in out.splitlines():
+        if "not found" in line:
+            raise GuestError(
+                f"qemu-ga needs {line.split()[0]}, missing on this machine: install "
+                f"qemu-system-x86 (it depends on the same libraries)"
+            )
+        lib = next((w for w in line.split() if w.startswith("/")), None)
+        if lib is not None:
+            with open(os.path.realpath(lib), "rb") as f:
+                cpio.file(lib, f.read(), 0o755)
+    cpio.file("usr/sbin/qemu-ga", qga, 0o755)
+    cpio.file("sbin/shutdown", SHUTDOWN_SHIM, 0o755)
+
+
+def default(*, agent: bool = False, progress: Progress | None = None) -> GuestImage:
+    """The bundled guest (with qemu-ga if `agent`), built on first use and cached."""
+    return build(agent=agent, progress=progress)
 
 
 def clean(cache: str | None = None) -> list[str]:

@@ -7,6 +7,7 @@
 #   vmpilot.exit=N        exit QEMU with status (N<<1)|1 through isa-debug-exit
 #                         (needs -device isa-debug-exit,iobase=0xf4,iosize=4)
 #   vmpilot.run=CMD       run CMD before the shell ('+' stands for a space)
+# qemu-ga, when the image has it, starts on the port org.qemu.guest_agent.0.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root TERM=dumb
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -60,6 +61,19 @@ for dev in /sys/class/input/input*; do
     ) &
   done
 done
+
+# qemu-ga on the virtio-serial port named org.qemu.guest_agent.0. No udev
+# here, so no /dev/virtio-ports/<name> link: find the vportNpM by its name.
+if [ -x /usr/sbin/qemu-ga ]; then
+  for port in /sys/class/virtio-ports/*; do
+    [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
+    mkdir -p /dev/virtio-ports
+    ln -sf "../${port##*/}" /dev/virtio-ports/org.qemu.guest_agent.0
+    /usr/sbin/qemu-ga -m virtio-serial -p "/dev/${port##*/}" -t /run -f /run/qemu-ga.pid \
+      >/tmp/qemu-ga.log 2>&1 &
+    echo "vmpilot-guest: agent started on /dev/${port##*/}"
+  done
+fi
 
 [ -n "$run" ] && sh -c "$run"
 

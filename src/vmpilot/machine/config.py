@@ -124,6 +124,7 @@ class MachineConfig:
     devices: Sequence[str | Mapping[str, Any]] = ()
     netdevs: Sequence[str | Mapping[str, Any]] = ()
     serial: bool = False
+    agent: bool = False  # a virtio-serial port for qemu-ga on a socketpair (vm.agent)
     no_reboot: bool = False
     name: str | None = None
     log_dir: str | None = None  # keep qemu.log / console.log in a subdir of this

@@ -100,10 +100,10 @@ class Lifecycle:
 
     # -- launching --------------------------------------------------------
 
-    def start(self) -> tuple[socket.socket, socket.socket | None]:
-        """Validate, make the temp dir, spawn QEMU; returns our ends of the QMP
-        and (with `serial=True`) console socketpairs. On failure everything
-        made so far is undone."""
+    def start(self) -> dict[str, socket.socket]:
+        """Validate, make the temp dir, spawn QEMU; returns our ends of the
+        socketpairs: "qmp", and "serial" / "agent" when configured. On failure
+        everything made so far is undone."""
         with self._lock:
             if self.state is not State.NEW:
                 raise LaunchError(f"a Machine is launched once; this one is {self.state.value}")
@@ -127,11 +127,11 @@ class Lifecycle:
         logs = tempfile.mkdtemp(prefix=f"{safe or 'vm'}-", dir=cfg.log_dir) if cfg.log_dir else None
         self.kept_log_dir = logs
         self.log_path = os.path.join(logs or self.temp_dir, "qemu.log")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        serial: tuple[socket.socket, socket.socket] | None = None
+        pairs: dict[str, tuple[socket.socket, socket.socket]] = {}
         log_fd = -1
         try:
-            fds = [theirs.fileno(), *(fd for fd, _, _ in self.preset_fds)]
+            pairs["qmp"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            fds = [pairs["qmp"][1].fileno(), *(fd for fd, _, _ in self.preset_fds)]
             for fd, fdset, opaque in self.preset_fds:
                 argv += ["-add-fd", options(None, fd=fd, set=fdset, opaque=opaque)]
             argv += ["-chardev", options("socket", id="vmpilot-qmp", fd=fds[0])]
@@ -140,11 +140,18 @@ class Lifecycle:
                 self.qmp_path = os.path.join(self.temp_dir, "qmp.sock")
                 argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
             if cfg.serial:
-                serial = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                fds.append(serial[1].fileno())
-                argv += ["-chardev", options("socket", id="vmpilot-serial", fd=fds[1])]
+                pairs["serial"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                fds.append(pairs["serial"][1].fileno())
+                argv += ["-chardev", options("socket", id="vmpilot-serial", fd=fds[-1])]
                 argv += ["-serial", "chardev:vmpilot-serial"]
                 self.console_path = os.path.join(logs or self.temp_dir, "console.log")
+            if cfg.agent:
+                pairs["agent"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                fds.append(pairs["agent"][1].fileno())
+                argv += ["-chardev", options("socket", id="vmpilot-qga", fd=fds[-1])]
+                argv += ["-device", "virtio-serial-pci,id=vmpilot-vser"]
+                argv += ["-device", "virtserialport,chardev=vmpilot-qga,"
+                                    "name=org.qemu.guest_agent.0"]  # fmt: skip
             self.argv = argv
             log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
@@ -154,19 +161,17 @@ class Lifecycle:
             self.pidfd = os.pidfd_open(self.proc.pid)
             log.debug("launched pid %d: %s", self.proc.pid, " ".join(argv))
         except BaseException:
-            ours.close()
-            if serial is not None:
-                serial[0].close()
+            for ours, _ in pairs.values():
+                ours.close()
             self.state = State.FAILED
             self.cleanup()
             raise
         finally:
-            theirs.close()
-            if serial is not None:
-                serial[1].close()
+            for _, theirs in pairs.values():
+                theirs.close()
             if log_fd >= 0:
                 os.close(log_fd)
-        return ours, serial[0] if serial is not None else None
+        return {name: ours for name, (ours, _) in pairs.items()}
 
     def launch_failed(self, why: str, cause: BaseException | None) -> LaunchError:
         """Kill what is left, clean up, and describe the failure."""

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from .._util.deadline import Deadline
 from ..console import AsyncConsole, Console
 from ..errors import LaunchError, QMPError, Timeout, VMError
+from ..qga import AsyncGuestAgent, GuestAgent
 from ..qmp import AsyncQMPClient, Event, QMPClient
 from ..qmp._transport import check_fd
 from ..qmp.events import NameFilter
@@ -156,6 +157,7 @@ class Machine(_Common):
         self._life = Lifecycle(_config(config, overrides))
         self._qmp: QMPClient | None = None
         self._console: Console | None = None
+        self._agent: GuestAgent | None = None
         self._exited = threading.Event()
         self._watcher: threading.Thread | None = None
         self._op_lock = threading.Lock()
@@ -164,12 +166,15 @@ class Machine(_Common):
         """Start QEMU; return once QMP is negotiated, or raise `LaunchError`."""
         life = self._life
         deadline = Deadline(timeout)
-        sock, serial = life.start()
-        if serial is not None:
-            self._console = Console(serial, life.console_path, self._vm_name())
+        socks = life.start()
+        if "serial" in socks:
+            self._console = Console(socks["serial"], life.console_path, self._vm_name())
             life.on_cleanup.append(self._console.close)
+        if "agent" in socks:
+            self._agent = GuestAgent(socks["agent"], f"guest agent of {self._vm_name()}")
+            life.on_cleanup.append(self._agent.close)
         try:
-            self._qmp = QMPClient.connect(sock, connect_timeout=deadline.remaining())
+            self._qmp = QMPClient.connect(socks["qmp"], connect_timeout=deadline.remaining())
         except Timeout as exc:
             raise life.launch_failed(f"no QMP greeting within {timeout:g} s", exc) from exc
         except (QMPError, OSError) as exc:
@@ -208,6 +213,18 @@ class Machine(_Common):
         if self._console is None:
             raise VMError("this VM has no console: configure it with serial=True")
         return self._console
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The guest agent client (needs `agent=True` and qemu-ga in the guest)."""
+        if self._agent is None:
+            raise VMError("this VM has no agent channel: configure it with agent=True")
+        return self._agent
+
+    def wait_for_agent(self, timeout: float = 120.0) -> GuestAgent:
+        """Block until qemu-ga answers in the guest (it starts late in boot)."""
+        self.agent.sync(timeout)
+        return self.agent
 
     @property
     def shell(self) -> Shell:
@@ -348,6 +365,7 @@ class AsyncMachine(_Common):
         self._life = Lifecycle(_config(config, overrides))
         self._qmp: AsyncQMPClient | None = None
         self._console: AsyncConsole | None = None
+        self._agent: AsyncGuestAgent | None = None
         self._exited: asyncio.Event | None = None
         self._op_lock: asyncio.Lock | None = None
 
@@ -358,14 +376,19 @@ class AsyncMachine(_Common):
         deadline = Deadline(timeout)
         self._exited = asyncio.Event()
         self._op_lock = asyncio.Lock()
-        sock, serial = life.start()
-        if serial is not None:
-            self._console = AsyncConsole(serial, life.console_path, self._vm_name())
+        socks = life.start()
+        if "serial" in socks:
+            self._console = AsyncConsole(socks["serial"], life.console_path, self._vm_name())
             life.on_cleanup.append(self._console.close)
+        if "agent" in socks:
+            self._agent = AsyncGuestAgent(socks["agent"], f"guest agent of {self._vm_name()}")
+            life.on_cleanup.append(self._agent.close)
         loop.add_reader(life.pidfd, self._on_exit)
         life.on_cleanup.append(lambda: self._stop_watching(loop))
         try:
-            self._qmp = await AsyncQMPClient.connect(sock, connect_timeout=deadline.remaining())
+            self._qmp = await AsyncQMPClient.connect(
+                socks["qmp"], connect_timeout=deadline.remaining()
+            )
         except Timeout as exc:
             raise life.launch_failed(f"no QMP greeting within {timeout:g} s", exc) from exc
         except (QMPError, OSError) as exc:
@@ -410,6 +433,16 @@ class AsyncMachine(_Common):
         if self._console is None:
             raise VMError("this VM has no console: configure it with serial=True")
         return self._console
+
+    @property
+    def agent(self) -> AsyncGuestAgent:
+        if self._agent is None:
+            raise VMError("this VM has no agent channel: configure it with agent=True")
+        return self._agent
+
+    async def wait_for_agent(self, timeout: float = 120.0) -> AsyncGuestAgent:
+        await self.agent.sync(timeout)
+        return self.agent
 
     @property
     def shell(self) -> AsyncShell:

@@ -229,7 +229,7 @@ class QMPClient:
         sock.settimeout(deadline.remaining())
         try:
             data = sock.recv(_RECV)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: no time was left
             if fatal:
                 self._lost(f"no answer within {deadline.timeout:g} s while waiting for {what}")
             raise Timeout(what, deadline.timeout) from None
@@ -404,7 +404,7 @@ def _connect(address: _transport.Address, deadline: Deadline, name: str) -> sock
             try:
                 sock.connect(sa)
                 return sock
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: no time was left
                 sock.close()
                 raise Timeout(f"connecting to {name}", deadline.timeout) from None
             except OSError as exc:
