@@ -125,6 +125,7 @@ class MachineConfig:
     netdevs: Sequence[str | Mapping[str, Any]] = ()
     serial: bool = False
     agent: bool = False  # a virtio-serial port for qemu-ga on a socketpair (vm.agent)
+    qtest: bool = False  # a qtest channel on a socketpair (see vmpilot.qtest.QtestMachine)
     no_reboot: bool = False
     name: str | None = None
     log_dir: str | None = None  # keep qemu.log / console.log in a subdir of this

@@ -145,6 +145,11 @@ class Lifecycle:
                 argv += ["-chardev", options("socket", id="vmpilot-serial", fd=fds[-1])]
                 argv += ["-serial", "chardev:vmpilot-serial"]
                 self.console_path = os.path.join(logs or self.temp_dir, "console.log")
+            if cfg.qtest:
+                pairs["qtest"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                fds.append(pairs["qtest"][1].fileno())
+                argv += ["-chardev", options("socket", id="vmpilot-qtest", fd=fds[-1])]
+                argv += ["-qtest", "chardev:vmpilot-qtest"]
             if cfg.agent:
                 pairs["agent"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 fds.append(pairs["agent"][1].fileno())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import select
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from types import TracebackType
@@ -158,6 +159,7 @@ class Machine(_Common):
         self._qmp: QMPClient | None = None
         self._console: Console | None = None
         self._agent: GuestAgent | None = None
+        self._channels: dict[str, socket.socket] = {}
         self._exited = threading.Event()
         self._watcher: threading.Thread | None = None
         self._op_lock = threading.Lock()
@@ -173,6 +175,9 @@ class Machine(_Common):
         if "agent" in socks:
             self._agent = GuestAgent(socks["agent"], f"guest agent of {self._vm_name()}")
             life.on_cleanup.append(self._agent.close)
+        self._channels = {k: v for k, v in socks.items() if k not in ("qmp", "serial", "agent")}
+        for sock in self._channels.values():
+            life.on_cleanup.append(sock.close)
         try:
             self._qmp = QMPClient.connect(socks["qmp"], connect_timeout=deadline.remaining())
         except Timeout as exc:
