@@ -107,6 +107,13 @@ def test_powerdown_is_graceful(tiny: Machine) -> None:
 
 def test_wedged_guest_ignores_powerdown(tiny: Machine) -> None:
     tiny.console.send("!")  # cli; hlt forever
+    # the power button must find it wedged, not still polling: wait for the halt
+    wait_until(
+        lambda: (
+            "HLT=1" in tiny.execute("human-monitor-command", {"command-line": "info registers"})
+        ),
+        what="the tiny guest to halt",
+    )
     pid, tmp = tiny.pid, tiny.temp_dir
     with pytest.raises(AbnormalShutdown, match="did not exit within 0.5 s"):
         tiny.shutdown(method="powerdown", timeout=0.5)

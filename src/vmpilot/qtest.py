@@ -91,7 +91,13 @@ class Qtest:
 
     def command(self, *words: object, timeout: float | None = DEFAULT_TIMEOUT) -> list[str]:
         """Send one command; the words after `OK`, or `QtestError`."""
-        data = self._proto.command(*words)
+        reply = self.request(" ".join(str(w) for w in words), timeout=timeout)
+        return _ok(" ".join(map(str, words)), reply)
+
+    def request(self, line: str, timeout: float | None = DEFAULT_TIMEOUT) -> str:
+        """Send one command line; QEMU's answer line as it is (`OK ...`/`FAIL ...`)."""
+        data = self._proto.command(line)
+        words = line.split() or [""]
         with self._lock:
             sock = self._sock
             if sock is None:
@@ -107,7 +113,7 @@ class Qtest:
                 if not chunk:
                     raise VMError(f"{self.name}: QEMU closed the qtest channel")
                 self._replies += self._proto.receive_data(chunk)
-            return _ok(" ".join(map(str, words)), self._replies.pop(0))
+            return self._replies.pop(0)
 
     # clock
     def clock_step(self, ns: int | None = None) -> int:

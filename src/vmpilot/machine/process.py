@@ -37,30 +37,36 @@ def _child_setup(parent: int) -> None:  # runs in the child between fork and exe
         os._exit(125)
 
 
-def _popen(argv: Sequence[str], pass_fds: Sequence[int], log_fd: int) -> subprocess.Popen[bytes]:
+def _popen(
+    argv: Sequence[str], pass_fds: Sequence[int], log_fd: int, inherit: bool
+) -> subprocess.Popen[bytes]:
     parent = os.getpid()
     return subprocess.Popen(
         list(argv),
         stdin=subprocess.DEVNULL,
         stdout=log_fd,
         stderr=log_fd,
-        pass_fds=tuple(pass_fds),
+        pass_fds=() if inherit else tuple(pass_fds),  # inherit: the fds are inheritable already
         start_new_session=True,
         preexec_fn=lambda: _child_setup(parent),
-        close_fds=True,
+        close_fds=not inherit,
     )
 
 
-def spawn(argv: Sequence[str], pass_fds: Sequence[int], log_fd: int) -> subprocess.Popen[bytes]:
-    """Start QEMU with stdout+stderr to `log_fd`, sharing only `pass_fds`."""
+def spawn(
+    argv: Sequence[str], pass_fds: Sequence[int], log_fd: int, *, inherit: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start QEMU with stdout+stderr to `log_fd`, sharing only `pass_fds` —
+    or, with `inherit=True`, every inheritable fd (`pass_fds` must be made
+    inheritable by the caller), as old harnesses expect."""
     _prctl()  # load libc before fork, not in the child
     if threading.current_thread() is threading.main_thread():
-        return _popen(argv, pass_fds, log_fd)
+        return _popen(argv, pass_fds, log_fd, inherit)
     global _spawner
     with _spawner_lock:
         if _spawner is None:
             _spawner = concurrent.futures.ThreadPoolExecutor(1, "vmpilot-spawner")
-    return _spawner.submit(_popen, argv, pass_fds, log_fd).result()
+    return _spawner.submit(_popen, argv, pass_fds, log_fd, inherit).result()
 
 
 def describe_status(returncode: int | None) -> str:

@@ -247,6 +247,12 @@ class AsyncQMPClient:
             sent = _transport.sendmsg_fds(sock, data, fds) if fds else sock.send(data)
         except BlockingIOError:
             sent = 0
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            reason = "QEMU quit" if self._core.quit_sent else "the peer closed it"
+            self._lost(reason)
+            raise Disconnected(
+                f"QMP connection to {self.name} closed ({reason}) while sending {name!r}"
+            ) from exc
         except OSError as exc:
             self._lost(f"sending {name!r} failed: {exc}")
             raise Disconnected(f"cannot send {name!r} to {self.name}: {exc}") from exc

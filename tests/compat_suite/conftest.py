@@ -1,0 +1,22 @@
+"""Fixtures for a suite written against QEMU's in-tree `qemu.machine`."""
+
+import os
+import tempfile
+
+import pytest
+
+QEMU = os.environ.get("QEMU_BINARY", "qemu-system-x86_64")
+
+
+@pytest.fixture
+def workdir():
+    with tempfile.TemporaryDirectory() as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def tiny_bios(tmp_path_factory):
+    # the tiny firmware guest (prints a banner, exits via isa-debug-exit on "~N")
+    from vmpilot.guest import tiny
+
+    return tiny.write(str(tmp_path_factory.mktemp("bios")))
