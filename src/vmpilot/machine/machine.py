@@ -25,9 +25,9 @@ from ..console import AsyncConsole, Console
 from ..errors import LaunchError, QMPError, Timeout, VMError
 from ..qga import AsyncGuestAgent, GuestAgent
 from ..qmp import AsyncQMPClient, Event, QMPClient
+from ..qmp._client import TimeoutArg
 from ..qmp._transport import check_fd
 from ..qmp.events import NameFilter
-from ..qmp.sync import TimeoutArg
 from ..shell import AsyncShell, Shell
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State

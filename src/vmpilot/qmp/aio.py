@@ -18,17 +18,17 @@ from typing import Any, TypeVar
 from .._util.deadline import Deadline
 from ..errors import Disconnected, ProtocolError, Timeout
 from . import _transport
-from .events import EventLog, Listener, NameFilter, describe, event_matches
-from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, QMPProtocol, Reply
+from ._client import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientBase, TimeoutArg
+from .events import NameFilter, describe, event_matches
+from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, Reply
 from .schema import Schema
-from .sync import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, TimeoutArg
 
 _RECV = 65536
 _T = TypeVar("_T")
 _EventWaiter = tuple[NameFilter, "Mapping[str, Any] | None", "asyncio.Future[Event]"]
 
 
-class AsyncQMPClient:
+class AsyncQMPClient(ClientBase):
     """Asyncio QMP client bound to the running loop.
 
     Use `await AsyncQMPClient.connect(address)` or
@@ -44,22 +44,14 @@ class AsyncQMPClient:
         max_line: int = DEFAULT_MAX_LINE,
         name: str = "",
     ) -> None:
-        Deadline(timeout)  # validates
-        self.timeout = timeout
-        self.name = name or _transport.describe(sock)
         self._loop = asyncio.get_running_loop()
-        self._sock: socket.socket | None = sock
+        super().__init__(sock, timeout=timeout, history=history, max_line=max_line, name=name)
         self._fd = sock.fileno()
         sock.setblocking(False)
-        self._core = QMPProtocol(max_line=max_line)
-        self._events = EventLog(history)
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._event_waiters: list[_EventWaiter] = []
         self._greeting: asyncio.Future[Greeting] = self._loop.create_future()
         self._wbuf: collections.deque[tuple[memoryview, Sequence[int]]] = collections.deque()
-        self._closed_reason: str | None = None
-        self.schema: Schema | None = None
-        self.validate = False  # check commands against `schema` before sending
         self._loop.add_reader(self._fd, self._on_readable)
 
     # -- connecting -------------------------------------------------------
@@ -130,10 +122,6 @@ class AsyncQMPClient:
         id_, data = self._core.negotiate(["oob"] if oob else [])
         await self._roundtrip(id_, data, (), deadline, "qmp_capabilities")
 
-    @property
-    def greeting(self) -> Greeting | None:
-        return self._core.greeting
-
     # -- commands ---------------------------------------------------------
 
     async def execute(
@@ -194,8 +182,7 @@ class AsyncQMPClient:
         fds: Sequence[int],
         timeout: TimeoutArg,
     ) -> Any:
-        if self.validate and self.schema is not None:
-            self.schema.validate(name, arguments)
+        self._check_command(name, arguments)
         deadline = self._deadline(timeout)
         self._check_open()
         id_, data = self._core.send_command(name, arguments, oob=oob)
@@ -368,35 +355,7 @@ class AsyncQMPClient:
         connection closes; each wait is bounded by `timeout` (raises `Timeout`)."""
         return _EventIterator(self, timeout)
 
-    def get_events(self) -> list[Event]:
-        """The events received and not consumed yet (consumes them)."""
-        return self._events.drain()
-
-    def clear_events(self) -> None:
-        self._events.drain()
-
-    @property
-    def dropped_events(self) -> int:
-        return self._events.dropped
-
-    def add_listener(
-        self, callback: Listener, name: NameFilter = None, match: Mapping[str, Any] | None = None
-    ) -> object:
-        """Call `callback(event)` for each matching event as it arrives."""
-        return self._events.add_listener(callback, name, match)
-
-    def remove_listener(self, handle: object) -> None:
-        self._events.remove_listener(handle)
-
     # -- closing ----------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    @property
-    def closed_reason(self) -> str | None:
-        return self._closed_reason
 
     def close(self) -> None:
         """Close at once (no await needed); calls in flight fail with `Disconnected`."""
@@ -438,13 +397,6 @@ class AsyncQMPClient:
             if not efut.done():
                 efut.set_exception(gone(f"while waiting for {describe(name, match)}"))
 
-    def _check_open(self) -> None:
-        if self._sock is None:
-            raise Disconnected(f"QMP connection to {self.name} is closed ({self._closed_reason})")
-
-    def _deadline(self, timeout: TimeoutArg) -> Deadline:
-        return Deadline(self.timeout if timeout is ... else timeout)
-
     async def __aenter__(self) -> AsyncQMPClient:
         return self
 
@@ -455,10 +407,6 @@ class AsyncQMPClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        state = f"closed: {self._closed_reason}" if self._sock is None else "open"
-        return f"<AsyncQMPClient {self.name} {state}>"
 
 
 class _Connecting:

@@ -11,24 +11,21 @@ import contextlib
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from types import EllipsisType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from .._util.deadline import Deadline
 from ..errors import Disconnected, ProtocolError, Timeout
 from . import _transport
-from .events import EventLog, Listener, NameFilter, describe
-from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, QMPProtocol, Reply
+from ._client import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientBase, TimeoutArg
+from .events import NameFilter, describe
+from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, Reply
 from .schema import Schema
 
-DEFAULT_TIMEOUT = 30.0
-CONNECT_TIMEOUT = 10.0
 _RECV = 65536
 
-TimeoutArg = float | None | EllipsisType
 
-
-class QMPClient:
+class QMPClient(ClientBase):
     """Blocking QMP client over a connected socket.
 
     Use `QMPClient.connect(address)` for a path, `host:port`, socket or fd.
@@ -45,17 +42,9 @@ class QMPClient:
         max_line: int = DEFAULT_MAX_LINE,
         name: str = "",
     ) -> None:
-        Deadline(timeout)  # validates
-        self.timeout = timeout
-        self.name = name or _transport.describe(sock)
-        self._sock: socket.socket | None = sock
-        self._core = QMPProtocol(max_line=max_line)
-        self._events = EventLog(history)
+        super().__init__(sock, timeout=timeout, history=history, max_line=max_line, name=name)
         self._replies: dict[int, Reply | ErrorReply] = {}
         self._lock = threading.Lock()
-        self._closed_reason: str | None = None
-        self.schema: Schema | None = None
-        self.validate = False  # check commands against `schema` before sending
         sock.setblocking(True)
 
     # -- connecting -------------------------------------------------------
@@ -111,10 +100,6 @@ class QMPClient:
             self._check_open()
             id_, data = self._core.negotiate(["oob"] if oob else [])
             self._roundtrip(id_, data, (), self._deadline(timeout), "qmp_capabilities")
-
-    @property
-    def greeting(self) -> Greeting | None:
-        return self._core.greeting
 
     # -- commands ---------------------------------------------------------
 
@@ -175,8 +160,7 @@ class QMPClient:
         fds: Sequence[int],
         timeout: TimeoutArg,
     ) -> Any:
-        if self.validate and self.schema is not None:
-            self.schema.validate(name, arguments)
+        self._check_command(name, arguments)
         deadline = self._deadline(timeout)
         with self._lock:
             self._check_open()
@@ -350,36 +334,7 @@ class QMPClient:
                 return
             yield event
 
-    def get_events(self) -> list[Event]:
-        """The events received and not consumed yet (consumes them)."""
-        return self._events.drain()
-
-    def clear_events(self) -> None:
-        self._events.drain()
-
-    @property
-    def dropped_events(self) -> int:
-        """How many events fell out of the bounded queue unconsumed."""
-        return self._events.dropped
-
-    def add_listener(
-        self, callback: Listener, name: NameFilter = None, match: Mapping[str, Any] | None = None
-    ) -> object:
-        """Call `callback(event)` for each matching event as it is read."""
-        return self._events.add_listener(callback, name, match)
-
-    def remove_listener(self, handle: object) -> None:
-        self._events.remove_listener(handle)
-
     # -- closing ----------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    @property
-    def closed_reason(self) -> str | None:
-        return self._closed_reason
 
     def close(self) -> None:
         """Close the connection; a call blocked in another thread fails at once."""
@@ -405,13 +360,6 @@ class QMPClient:
         if sock is not None:
             sock.close()
 
-    def _check_open(self) -> None:
-        if self._sock is None:
-            raise Disconnected(f"QMP connection to {self.name} is closed ({self._closed_reason})")
-
-    def _deadline(self, timeout: TimeoutArg) -> Deadline:
-        return Deadline(self.timeout if timeout is ... else timeout)
-
     def __enter__(self) -> QMPClient:
         return self
 
@@ -422,10 +370,6 @@ class QMPClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        state = f"closed: {self._closed_reason}" if self._sock is None else "open"
-        return f"<QMPClient {self.name} {state}>"
 
 
 def _connect(address: _transport.Address, deadline: Deadline, name: str) -> socket.socket:
