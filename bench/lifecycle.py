@@ -120,10 +120,13 @@ def main() -> None:
             f"| {name} | {lm * 1e3:.1f} ms | {(lm - floor_l) * 1e3:+.1f} ms "
             f"| {sm * 1e3:.1f} ms | {(sm - floor_s) * 1e3:+.1f} ms |"
         )
-    seq = asyncio.run(fleet(args.fleet, False))
-    conc = asyncio.run(fleet(args.fleet, True))
+    seqs, concs = [], []
+    for _ in range(3):  # interleaved, median of 3
+        seqs.append(asyncio.run(fleet(args.fleet, False)))
+        concs.append(asyncio.run(fleet(args.fleet, True)))
+    seq, conc = statistics.median(seqs), statistics.median(concs)
     print(
-        f"\n{args.fleet} AsyncMachines launched+shut down: sequential {seq:.2f} s, "
+        f"\n{args.fleet} AsyncMachines launched+shut down (median of 3): sequential {seq:.2f} s, "
         f"concurrent {conc:.2f} s, speed-up {seq / conc:.2f}× on {os.cpu_count()} cores"
     )
 
