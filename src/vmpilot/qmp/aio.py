@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .._util.deadline import Deadline
-from ..errors import Disconnected, ProtocolError, Timeout
+from ..errors import Disconnected, ProtocolError, QMPError, Timeout
 from . import _transport
 from ._client import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientBase, TimeoutArg
 from .events import NameFilter, describe, event_matches
@@ -377,7 +377,11 @@ class AsyncQMPClient(ClientBase):
         quit_id = self._core.quit_id if error is None else None
         self._core.close()
 
-        def gone(what: str) -> Disconnected:
+        def gone(what: str) -> QMPError:
+            if isinstance(error, ProtocolError):  # what the blocking client raises too
+                broken = ProtocolError(str(error))
+                broken.data = error.data
+                return broken
             exc = Disconnected(f"QMP connection to {self.name} closed ({reason}) {what}")
             exc.__cause__ = error
             return exc
