@@ -268,3 +268,10 @@ def test_200_cycles_leave_nothing() -> None:
             vm.execute("query-status")
     assert _census() == before
     assert threading.active_count() < 10
+
+
+def test_shutdown_after_quit_sent_elsewhere_is_graceful() -> None:
+    vm = none_vm().launch()
+    vm.qmp.execute("quit")  # e.g. a test that sent quit itself
+    vm.shutdown(timeout=10)  # QEMU is exiting anyway: no AbnormalShutdown
+    assert vm.exit_code == 0 and vm.state == "stopped"

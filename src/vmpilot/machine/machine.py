@@ -298,7 +298,9 @@ class Machine(_Common):
                     what = f"QEMU did not exit within {timeout:g} s of {command!r}"
                     cause = Timeout(f"QEMU to exit after {command!r}", timeout)
             except (QMPError, Timeout) as exc:
-                if not self._exited.wait(0):
+                # QEMU may be exiting anyway (a `quit` sent earlier, a guest
+                # poweroff racing ours): only a QEMU still there is a failure
+                if not self._exited.wait(deadline.remaining()):
                     what = f"graceful shutdown ({method}) failed: {exc}"
                     cause = exc
             except BaseException:
@@ -512,7 +514,8 @@ class AsyncMachine(_Common):
                     what = f"QEMU did not exit within {timeout:g} s of {command!r}"
                     cause = Timeout(f"QEMU to exit after {command!r}", timeout)
             except (QMPError, Timeout) as exc:
-                if not await self._wait_exited(0):
+                # see Machine.shutdown: only a QEMU still there is a failure
+                if not await self._wait_exited(deadline.remaining()):
                     what = f"graceful shutdown ({method}) failed: {exc}"
                     cause = exc
             except BaseException:
