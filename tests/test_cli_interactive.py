@@ -135,3 +135,36 @@ def test_every_command_has_help(flag: str) -> None:
     for cmd in (["demo"], ["run"], ["qmp"], ["events"], ["guest"], ["guest", "build"]):
         r = cli(*cmd, flag)
         assert r.returncode == 0 and "usage: vmpilot" in r.stdout, cmd
+
+
+def test_demo_shows_progress_on_a_terminal(linux_guest: object) -> None:
+    demo = spawn("demo")
+    demo.expect("✓ guest build")
+    demo.expect("✓ boot to the shell prompt")
+    demo.expect("powered off: exit code 0")
+    demo.expect(pexpect.EOF)
+    demo.close()
+    assert demo.exitstatus == 0
+
+
+def test_run_without_a_terminal_quits_at_end_of_input(linux_guest: object) -> None:
+    # a pipe, not a tty: input is forwarded as it comes; EOF means quit
+    proc = subprocess.Popen(
+        [*VMPILOT, "run"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=ENV,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    seen = b""
+    while b"guest# " not in seen:  # the console, mirrored on stdout
+        chunk = proc.stdout.read1(4096)
+        assert chunk, "run ended before the prompt"
+        seen += chunk
+    proc.stdin.write(b"echo piped-$((6*7))\n")
+    proc.stdin.flush()
+    while b"piped-42" not in seen:
+        chunk = proc.stdout.read1(4096)
+        assert chunk, "run ended before the answer"
+        seen += chunk
+    _out, err = proc.communicate(timeout=60)  # closes stdin: end of input, graceful shutdown
+    assert proc.returncode == 0, err
+    assert b"end of input quits" in err and b"shut down (powerdown), exit code 0" in err

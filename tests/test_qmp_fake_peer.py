@@ -235,3 +235,80 @@ def test_async_no_greeting_times_out(peer: Callable[[Script], Peer]) -> None:
             await AsyncQMPClient.connect(peer(no_greeting).client_sock, connect_timeout=0.2)
 
     run_async(main())
+
+
+def _tcp_peer(family: int, host: str) -> tuple[socket.socket, int, threading.Thread]:
+    """A one-shot QMP peer listening on an ephemeral loopback port."""
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind((host, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        conn.sendall(GREETING)
+        buf = b""
+        while True:
+            data = conn.recv(4096)
+            if not data:
+                break
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                cmd = json.loads(line)
+                conn.sendall(
+                    json.dumps({"return": {"echo": cmd["execute"]}, "id": cmd["id"]}).encode()
+                    + b"\n"
+                )
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    return listener, port, t
+
+
+@pytest.mark.parametrize(
+    ("family", "host", "address"),
+    [
+        (socket.AF_INET, "127.0.0.1", "127.0.0.1:{port}"),
+        (socket.AF_INET, "127.0.0.1", ("127.0.0.1", "{port}")),
+        (socket.AF_INET6, "::1", "[::1]:{port}"),
+    ],
+)
+def test_tcp_addresses(family: int, host: str, address: object) -> None:
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        _listener, port, t = _tcp_peer(family, host)
+    except OSError as exc:
+        pytest.skip(f"cannot listen on {host}: {exc}")
+    addr = (
+        address.format(port=port)
+        if isinstance(address, str)
+        else (address[0], int(address[1].format(port=port)))  # type: ignore[index]
+    )
+    with QMPClient.connect(addr) as qmp:  # type: ignore[arg-type]
+        assert qmp.execute("query-status") == {"echo": "query-status"}
+
+    async def main() -> None:
+        _listener2, port2, t2 = _tcp_peer(family, host)
+        try:
+            async with AsyncQMPClient.connect(
+                addr.replace(str(port), str(port2)) if isinstance(addr, str) else (addr[0], port2)
+            ) as aqmp:
+                assert await aqmp.execute("query-name") == {"echo": "query-name"}
+        finally:
+            t2.join(10)
+
+    run_async(main())
+    t.join(10)
+
+
+def test_refused_tcp_port_is_a_clear_error() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(Disconnected, match=f"cannot connect to QMP at 127.0.0.1:{port}.*refused"):
+        QMPClient.connect(f"127.0.0.1:{port}")

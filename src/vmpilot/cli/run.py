@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             code = vm.wait(timeout=10)
             _say(f"vmpilot: the VM exited by itself (exit code {code})")
             return 0
+        _say(f"vmpilot: shutting down ({args.shutdown}, up to {args.timeout:g} s; Ctrl-C kills)")
         try:
             vm.shutdown(method=args.shutdown, timeout=args.timeout)
         except AbnormalShutdown as exc:
