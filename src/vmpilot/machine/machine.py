@@ -18,7 +18,7 @@ import socket
 import threading
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .._util.deadline import Deadline
 from ..console import AsyncConsole, Console
@@ -45,6 +45,15 @@ def _config(config: MachineConfig | None, overrides: dict[str, Any]) -> MachineC
     if overrides:
         return dataclasses.replace(config, **overrides)
     return config
+
+
+_C = TypeVar("_C")
+
+
+def _configured(channel: _C | None, what: str, flag: str) -> _C:
+    if channel is None:
+        raise VMError(f"this VM has no {what}: configure it with {flag}=True")
+    return channel
 
 
 def _check_method(method: str) -> None:
@@ -138,6 +147,11 @@ class _Common:
             raise ValueError(f"fdset_id must be an int >= 0, not {fdset_id!r}")
         self._life.preset_fds.append((fd, fdset_id, opaque))
 
+    def _connected(self, client: _C | None) -> _C:
+        if client is None or self._life.state in (State.NEW, State.FAILED):
+            raise VMError(f"the VM is {self.state}: no QMP connection")
+        return client
+
     def _vm_name(self) -> str:
         proc = self._life.proc
         return self.config.name or (f"QEMU pid {proc.pid}" if proc else "QEMU")
@@ -215,16 +229,12 @@ class Machine(_Common):
     @property
     def console(self) -> Console:
         """The serial console (needs `serial=True`); stays readable after the VM stops."""
-        if self._console is None:
-            raise VMError("this VM has no console: configure it with serial=True")
-        return self._console
+        return _configured(self._console, "console", "serial")
 
     @property
     def agent(self) -> GuestAgent:
         """The guest agent client (needs `agent=True` and qemu-ga in the guest)."""
-        if self._agent is None:
-            raise VMError("this VM has no agent channel: configure it with agent=True")
-        return self._agent
+        return _configured(self._agent, "agent channel", "agent")
 
     def wait_for_agent(self, timeout: float = 120.0) -> GuestAgent:
         """Block until qemu-ga answers in the guest (it starts late in boot)."""
@@ -238,10 +248,8 @@ class Machine(_Common):
 
     @property
     def qmp(self) -> QMPClient:
-        """The QMP client (raises `VMError` when the VM is not running)."""
-        if self._qmp is None or self._life.state in (State.NEW, State.FAILED):
-            raise VMError(f"the VM is {self.state}: no QMP connection")
-        return self._qmp
+        """The QMP client (raises `VMError` when the VM was never up)."""
+        return self._connected(self._qmp)
 
     def execute(
         self, name: str, arguments: Mapping[str, Any] | None = None, *, timeout: TimeoutArg = ...
@@ -437,15 +445,11 @@ class AsyncMachine(_Common):
     @property
     def console(self) -> AsyncConsole:
         """The serial console (needs `serial=True`)."""
-        if self._console is None:
-            raise VMError("this VM has no console: configure it with serial=True")
-        return self._console
+        return _configured(self._console, "console", "serial")
 
     @property
     def agent(self) -> AsyncGuestAgent:
-        if self._agent is None:
-            raise VMError("this VM has no agent channel: configure it with agent=True")
-        return self._agent
+        return _configured(self._agent, "agent channel", "agent")
 
     async def wait_for_agent(self, timeout: float = 120.0) -> AsyncGuestAgent:
         await self.agent.sync(timeout)
@@ -457,9 +461,7 @@ class AsyncMachine(_Common):
 
     @property
     def qmp(self) -> AsyncQMPClient:
-        if self._qmp is None or self._life.state in (State.NEW, State.FAILED):
-            raise VMError(f"the VM is {self.state}: no QMP connection")
-        return self._qmp
+        return self._connected(self._qmp)
 
     async def execute(
         self, name: str, arguments: Mapping[str, Any] | None = None, *, timeout: TimeoutArg = ...
