@@ -38,13 +38,17 @@ def since(t: Sample) -> Sample:
 def raw_socket(path: str, n: int) -> Sample:
     """The floor: a blocking socket, json, one line per reply."""
     s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)  # a stuck QEMU ends the benchmark instead of hanging it
     s.connect(path)
     buf = b""
 
     def line() -> bytes:
         nonlocal buf
         while b"\n" not in buf:
-            buf += s.recv(65536)
+            data = s.recv(65536)
+            if not data:
+                raise SystemExit("QEMU closed the QMP socket")
+            buf += data
         one, buf = buf.split(b"\n", 1)
         return one
 
