@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
@@ -16,11 +18,34 @@ VMPILOT = [sys.executable, "-m", "vmpilot"]
 ENV = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm", "VMPILOT_QEMU": QEMU}
 
 
-def spawn(*args: str, **env: str) -> pexpect.spawn:
-    return pexpect.spawn(
-        VMPILOT[0], [*VMPILOT[1:], *args], timeout=60, encoding="utf-8",
-        env={**ENV, **env}, dimensions=(40, 200),
-    )  # fmt: skip
+class Terminals:
+    """pexpect children on pseudo-terminals, all closed at teardown (even when a test fails)."""
+
+    def __init__(self) -> None:
+        self.children: list[pexpect.spawn] = []
+
+    def __call__(self, *args: str, **env: str) -> pexpect.spawn:
+        child = pexpect.spawn(
+            VMPILOT[0], [*VMPILOT[1:], *args], timeout=60, encoding="utf-8",
+            env={**ENV, **env}, dimensions=(40, 200),
+        )  # fmt: skip
+        self.children.append(child)
+        return child
+
+
+@pytest.fixture
+def spawn() -> Iterator[Terminals]:
+    terms = Terminals()
+    yield terms
+    for child in terms.children:
+        child.close(force=True)
+
+
+def on_screen(text: str) -> re.Pattern[str]:
+    """`text` as prompt_toolkit draws it: its diff renderer puts escape codes between letters and
+    may draw a space as a cursor move."""
+    gap = "(?:\x1b\\[[0-9;?]*[A-Za-z]| )*"
+    return re.compile(gap.join(re.escape(c) for c in text if c != " "))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -47,24 +72,29 @@ def test_qmp_one_shot_json_hmp_and_errors(qemu_unix: tuple[RawQemu, str], tmp_pa
 
 
 def test_qmp_shell_completion_events_history(
-    qemu_unix: tuple[RawQemu, str], tmp_path: Path
+    qemu_unix: tuple[RawQemu, str], tmp_path: Path, spawn: Terminals
 ) -> None:
     _, path = qemu_unix
     shell = spawn("qmp", path, XDG_STATE_HOME=str(tmp_path))
+    prompt = on_screen("(QEMU)")
     shell.expect(r"Connected to QEMU \d+\.\d+")
-    shell.expect(r"\(QEMU\)")
+    shell.expect(prompt)
     shell.send("query-statu\t")  # completes from the live schema
-    shell.expect("query-status")
+    shell.expect(on_screen("query-status"))
     shell.send("\r")
     shell.expect('"running": true')
+    shell.expect(prompt)  # keys go in at a prompt, as a person types them
     shell.send("stop\r")
     shell.expect('"event": "STOP"')  # printed as it arrives
+    shell.expect(prompt)
     shell.send("device_del i\t")  # argument names complete too
-    shell.expect("id=")
+    shell.expect(on_screen("device_del id="))
     shell.send("x\r")
     shell.expect("DeviceNotFound")
+    shell.expect(prompt)
     shell.send("cont\r")
     shell.expect('"event": "RESUME"')
+    shell.expect(prompt)  # ^D typed before the prompt reaches the shell as a NUL, not as EOF
     shell.sendeof()
     shell.expect(pexpect.EOF)
     shell.close()
@@ -73,12 +103,15 @@ def test_qmp_shell_completion_events_history(
     assert "query-status" in history and "device_del id=x" in history
 
 
-def test_qmp_plain_prompt_without_prompt_toolkit(qemu_unix: tuple[RawQemu, str]) -> None:
+def test_qmp_plain_prompt_without_prompt_toolkit(
+    qemu_unix: tuple[RawQemu, str], spawn: Terminals
+) -> None:
     _, path = qemu_unix
     shell = spawn("qmp", path, VMPILOT_PLAIN_PROMPT="1")
     shell.expect_exact("(QEMU) ")
     shell.send('{"execute": "query-status"}\r')
     shell.expect('"status": "running"')
+    shell.expect_exact("(QEMU) ")  # ^D at the prompt: typed earlier, readline reads a NUL
     shell.sendeof()
     shell.expect(pexpect.EOF)
 
@@ -107,7 +140,7 @@ def test_guest_path_and_build(linux_guest: object) -> None:
     assert cli("guest").returncode == 2  # an action is required
 
 
-def test_run_console_on_terminal_then_graceful_quit(linux_guest: object) -> None:
+def test_run_console_on_terminal_then_graceful_quit(linux_guest: object, spawn: Terminals) -> None:
     run = spawn("run")
     run.expect(r"QMP: (\S+)")
     path = run.match.group(1)
@@ -137,7 +170,7 @@ def test_every_command_has_help(flag: str) -> None:
         assert r.returncode == 0 and "usage: vmpilot" in r.stdout, cmd
 
 
-def test_demo_shows_progress_on_a_terminal(linux_guest: object) -> None:
+def test_demo_shows_progress_on_a_terminal(linux_guest: object, spawn: Terminals) -> None:
     demo = spawn("demo")
     demo.expect("✓ guest build")
     demo.expect("✓ boot to the shell prompt")
