@@ -75,7 +75,7 @@ def test_machine_refuses_clearly_without_qtest() -> None:
     assert vm.state == "new" and vm.pid is None
 
 
-@pytest.mark.skipif(not HAS_QTEST, reason=f"{QEMU} has no qtest accelerator (-accel help)")
+@pytest.mark.skipif(not HAS_QTEST, reason=f"{QEMU} has no qtest accelerator")
 def test_real_qtest_memory_and_clock() -> None:
     with QtestMachine(machine="pc", memory=32, qemu=QEMU) as vm:
         qt = vm.qtest
@@ -84,3 +84,37 @@ def test_real_qtest_memory_and_clock() -> None:
         qt.write(0x2000, b"hello")
         assert qt.read(0x2000, 5) == b"hello"
         assert qt.clock_step(1_000_000) >= 1_000_000
+        for width, write, read in (
+            (1, qt.writeb, qt.readb), (2, qt.writew, qt.readw),
+            (4, qt.writel, qt.readl), (8, qt.writeq, qt.readq),
+        ):  # fmt: skip
+            value = int.from_bytes(bytes(range(0xA1, 0xA1 + width)), "little")
+            write(0x3000, value)
+            assert read(0x3000) == value
+            assert qt.read(0x3000, width) == value.to_bytes(width, "little")  # little-endian RAM
+        now = qt.clock_step()  # to the next timer
+        assert qt.clock_set(now + 5000) == now + 5000
+
+
+@pytest.mark.skipif(not HAS_QTEST, reason=f"{QEMU} has no qtest accelerator")
+def test_real_qtest_rtc_interrupt() -> None:
+    """The RTC's periodic interrupt, seen on the intercepted IOAPIC line 8 (as QEMU's rtc-test)."""
+
+    def cmos(reg: int, value: int | None = None) -> int:
+        qt.outb(0x70, reg)
+        if value is not None:
+            qt.outb(0x71, value)
+        return qt.inb(0x71)
+
+    rtc_on_virtual_clock = ["-rtc", "clock=vm"]  # else it follows the host clock, not clock_step
+    with QtestMachine(machine="pc", memory=32, qemu=QEMU, extra_args=rtc_on_virtual_clock) as vm:
+        qt = vm.qtest
+        qt.irq_intercept_in("ioapic")
+        cmos(0x0A, 0x26)  # 32.768 kHz base, 1024 Hz periodic rate
+        cmos(0x0B, cmos(0x0B) | 0x40)  # periodic interrupt enable
+        cmos(0x0C)  # acknowledge anything pending
+        assert not qt.irq_level(8)
+        qt.clock_step(10_000_000)  # 10 ms of virtual time: ~10 periods
+        assert qt.irq_level(8)
+        cmos(0x0C)  # reading register C lowers the line
+        assert not qt.irq_level(8)

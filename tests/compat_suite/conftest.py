@@ -8,6 +8,16 @@ import pytest
 QEMU = os.environ.get("QEMU_BINARY", "qemu-system-x86_64")
 
 
+def _has_qtest():
+    # tried, not looked up: `-accel help` never lists qtest
+    from vmpilot.qtest import qtest_available
+
+    return qtest_available(QEMU)
+
+
+HAS_QTEST = _has_qtest()
+
+
 @pytest.fixture
 def workdir():
     with tempfile.TemporaryDirectory() as d:

@@ -1,13 +1,16 @@
 """Written the way QEMU's iotests and functional tests use qemu.machine and
-qemu.qmp.legacy. Runs unchanged against QEMU's library or vmpilot's shim."""
+qemu.qmp.legacy, with both eras' API. Runs with vmpilot's shim first on
+PYTHONPATH. Against QEMU 7.2's own library 9 of 15 pass: the others use 8.x+
+API (`cmd`) or vmpilot's guarantees (that library hangs on a SIGSTOPped QEMU
+and on a QEMU that dies before QMP connects)."""
 
 import os
 import signal
-import subprocess
 
 import pytest
-from conftest import QEMU
-from qemu.machine import AbnormalShutdown, QEMUMachine, QEMUMachineError, VMLaunchFailure
+from conftest import HAS_QTEST, QEMU
+from qemu.machine import QEMUMachine
+from qemu.machine.machine import AbnormalShutdown, QEMUMachineError, VMLaunchFailure
 from qemu.machine.qtest import QEMUQtestMachine
 from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -233,16 +236,12 @@ def test_qmp_timer_and_constructor_arguments_of_both_eras(workdir):
     assert os.path.exists(os.path.join(workdir, "eras.log"))
 
 
-@pytest.mark.skipif(
-    "qtest"
-    not in subprocess.run([QEMU, "-accel", "help"], capture_output=True, text=True).stdout.split(),
-    reason="QEMU without the qtest accelerator",
-)
+@pytest.mark.skipif(not HAS_QTEST, reason="QEMU without the qtest accelerator")
 def test_qtest_machine(workdir):
     with QEMUQtestMachine(QEMU, ["-machine", "pc"], base_temp_dir=workdir) as vm:
         vm.launch()
         assert vm.qtest("writeb 0x1000 0x5a").startswith("OK")
-        assert vm.qtest("readb 0x1000") == "OK 0x5a"
+        assert vm.qtest("readb 0x1000") == "OK 0x000000000000005a\n"  # QEMU's line, as is
 
 
 def test_context_manager_shuts_down(workdir):

@@ -50,7 +50,8 @@ class QEMUQtestProtocol:
     def cmd(self, qtest_cmd: str) -> str:
         if self._client is None:
             raise QEMUMachineError("qtest is not connected")
-        return self._client.request(qtest_cmd, timeout=self._timeout)
+        # the answer line with its newline, as QEMU's library returns it (IRQ lines are kept out)
+        return self._client.request(qtest_cmd, timeout=self._timeout) + "\n"
 
     def settimeout(self, timeout: float | None) -> None:
         self._timeout = timeout

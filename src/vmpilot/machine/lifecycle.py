@@ -148,8 +148,10 @@ class Lifecycle:
             if cfg.qtest:
                 pairs["qtest"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 fds.append(pairs["qtest"][1].fileno())
-                argv += ["-chardev", options("socket", id="vmpilot-qtest", fd=fds[-1])]
-                argv += ["-qtest", "chardev:vmpilot-qtest"]
+                # the id must be "qtest": `-qtest chardev:ID` looks the chardev up by that
+                # name whatever ID says (QEMU 7.2 aborts otherwise)
+                argv += ["-chardev", options("socket", id="qtest", fd=fds[-1])]
+                argv += ["-qtest", "chardev:qtest"]
             if cfg.agent:
                 pairs["agent"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 fds.append(pairs["agent"][1].fileno())
