@@ -1,8 +1,10 @@
 """Written the way QEMU's iotests and functional tests use qemu.machine and
 qemu.qmp.legacy, with both eras' API. Runs with vmpilot's shim first on
 PYTHONPATH. Against QEMU 7.2's own library 9 of 15 pass: the others use 8.x+
-API (`cmd`) or vmpilot's guarantees (that library hangs on a SIGSTOPped QEMU
-and on a QEMU that dies before QMP connects)."""
+API (`cmd`), relaunch a machine, read the console's first bytes (7.2 loses
+output written before its console socket connects) or rely on vmpilot's
+guarantees (7.2 hangs on a SIGSTOPped QEMU and on one that dies before QMP
+connects)."""
 
 import os
 import signal
