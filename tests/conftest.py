@@ -22,6 +22,12 @@ QEMU_NONE = [QEMU, "-machine", "none", "-nodefaults", "-display", "none", "-no-u
 
 
 # -- the leak guard -------------------------------------------------------
+# It counts only what this run made: QEMU processes that carry this run's
+# token in their environment (inherited from us, so orphans are found too),
+# our own fds, and vmpilot temp dirs in a temp root private to this run.
+# It never looks at, let alone signals, a process some other program started.
+
+TOKEN_VAR = "VMPILOT_TEST_SESSION"
 
 
 def _open_fds() -> dict[int, str]:
@@ -32,47 +38,70 @@ def _open_fds() -> dict[int, str]:
     return fds
 
 
-def _qemu_pids() -> set[int]:
+def _our_qemu_pids(token: str) -> set[int]:
+    """QEMU processes started by this test run (they inherit the token)."""
+    needle = f"{TOKEN_VAR}={token}".encode()
     pids = set()
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().startswith("qemu-system"):
-                        pids.add(int(entry))
-            except OSError:
-                pass
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if not f.read().startswith("qemu-system"):
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.add(int(entry))
+        except OSError:  # gone, or not ours to read
+            pass
     return pids
 
 
-def _vmpilot_tmp() -> set[str]:
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("vmpilot-")}
+def _vmpilot_tmp(root: str) -> set[str]:
+    return {n for n in os.listdir(root) if n.startswith("vmpilot-")}
 
 
 _baseline: dict[str, Any] = {}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # xdist workers inherit the controller's run
+        return
+    import uuid
+
+    # pytest's own tmp_path dirs stay where they always are
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    root = tempfile.mkdtemp(prefix="vmpilot_testrun_")
+    os.environ["TMPDIR"] = root
+    tempfile.tempdir = root
+    token = uuid.uuid4().hex
+    os.environ[TOKEN_VAR] = token
+    _baseline.update(root=root, token=token)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    _baseline.update(fds=_open_fds(), qemu=_qemu_pids(), tmp=_vmpilot_tmp())
+    if _baseline:
+        _baseline.update(fds=_open_fds())
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if not _baseline or hasattr(session.config, "workerinput"):
+    if "fds" not in _baseline or hasattr(session.config, "workerinput"):
         return
     problems = []
-    qemu = _qemu_pids() - _baseline["qemu"]
+    qemu = _our_qemu_pids(_baseline["token"])
     if qemu:
         problems.append(f"QEMU processes left running: {sorted(qemu)}")
-        for pid in qemu:  # do not let them outlive the run either
+        for pid in qemu:  # ours (they carry our token): do not let them outlive the run
             with contextlib.suppress(OSError):
                 os.kill(pid, 9)
     fds = _open_fds()
     extra = {fd: target for fd, target in fds.items() if fd not in _baseline["fds"]}
     if extra:
         problems.append(f"file descriptors left open: {extra}")
-    tmp = _vmpilot_tmp() - _baseline["tmp"]
+    tmp = _vmpilot_tmp(_baseline["root"])
     if tmp:
         problems.append(f"temp dirs left behind: {sorted(tmp)}")
+    shutil.rmtree(_baseline["root"], ignore_errors=True)
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = "LEAK GUARD FAILED:\n  " + "\n  ".join(problems)

@@ -8,6 +8,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -255,7 +256,8 @@ def test_launch_twice_refused() -> None:
 def _census() -> tuple[int, int, int]:
     fds = len(os.listdir("/proc/self/fd"))
     children = len(Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split())
-    tmp = len([n for n in os.listdir("/tmp") if n.startswith("vmpilot-")])
+    # the test run's private temp root (see conftest): only this run's dirs are there
+    tmp = len([n for n in os.listdir(tempfile.gettempdir()) if n.startswith("vmpilot-")])
     return fds, children, tmp
 
 
