@@ -10,9 +10,11 @@ names in `FACE_SPECIFIC` may differ, each for a reason given there.
 from __future__ import annotations
 
 import inspect
+import socket
 from typing import Any
 
 import pytest
+from conftest import run_async
 
 from vmpilot import AsyncMachine, AsyncQMPClient, Machine, QMPClient
 from vmpilot.console import AsyncConsole, Console
@@ -115,3 +117,30 @@ def test_timeout_is_keyword_only_with_a_named_default(cls: type) -> None:
                 assert kind == "KEYWORD_ONLY", f"{cls.__name__}.{name}"
                 assert isinstance(default, float), f"{cls.__name__}.{name}: {default!r}"
     assert checked
+
+
+def test_channel_instances_have_the_same_public_attributes() -> None:
+    """What `__init__` sets (`name`, `fail_patterns`, `listeners`, …) counts too."""
+
+    def public(obj: object) -> set[str]:
+        return {n for n in vars(obj) if not n.startswith("_")}
+
+    async def main() -> None:
+        made: list[tuple[object, object]] = []
+        socks = [socket.socketpair() for _ in range(4)]
+        try:
+            console, aconsole = Console(socks[0][0]), AsyncConsole(socks[1][0])
+            made.append((console, aconsole))
+            made.append((GuestAgent(socks[2][0]), AsyncGuestAgent(socks[3][0])))
+            made.append((Shell(console), AsyncShell(aconsole)))
+            for sync, aio in made:
+                assert public(sync) == public(aio), type(sync).__name__
+        finally:
+            for pair in made[:2]:
+                for channel in pair:
+                    channel.close()  # type: ignore[attr-defined]
+            for a, b in socks:
+                a.close()
+                b.close()
+
+    run_async(main())
