@@ -31,9 +31,16 @@ def test_every_error_class_is_defined_in_errors_and_exported() -> None:
         for name, obj in vars(errors).items()
         if isinstance(obj, type) and issubclass(obj, BaseException)
     }
-    assert {"AgentError", "AgentTimeout", "AgentGone", "ExpectTimeout", "QtestError"} <= set(
-        classes
-    )
+    assert {
+        "AgentError",
+        "AgentTimeout",
+        "AgentGone",
+        "ExpectTimeout",
+        "QtestError",
+        "ConfigError",
+        "ValidationError",
+        "PackageError",
+    } <= set(classes)
     for name, cls in classes.items():
         assert cls.__module__ == "vmpilot.errors"
         assert getattr(vmpilot, name) is cls, f"vmpilot.{name}"

@@ -7,19 +7,22 @@ from .errors import (
     AgentTimeout,
     ChannelClosed,
     CommandError,
+    ConfigError,
     ConsoleClosed,
     Disconnected,
     ExpectTimeout,
     GuestError,
     LaunchError,
+    PackageError,
     ProtocolError,
     QMPError,
     QtestClosed,
     QtestError,
     Timeout,
+    ValidationError,
     VMError,
 )
-from .machine import AsyncMachine, ConfigError, Drive, Machine, MachineConfig
+from .machine import AsyncMachine, Drive, Machine, MachineConfig
 from .qmp import AsyncQMPClient, Event, QMPClient
 
 __version__ = "0.1.0"
@@ -43,6 +46,7 @@ __all__ = [
     "LaunchError",
     "Machine",
     "MachineConfig",
+    "PackageError",
     "ProtocolError",
     "QMPClient",
     "QMPError",
@@ -50,5 +54,6 @@ __all__ = [
     "QtestError",
     "Timeout",
     "VMError",
+    "ValidationError",
     "__version__",
 ]

@@ -46,8 +46,16 @@ class LaunchError(VMError):
         super().__init__("\n".join(parts))
 
 
+class ConfigError(LaunchError, ValueError):
+    """The VM description is invalid; QEMU was not started."""
+
+
 class QMPError(VMError):
     """Anything that went wrong talking QMP."""
+
+
+class ValidationError(QMPError, ValueError):
+    """A command does not fit the schema of the connected QEMU; not sent."""
 
 
 class ProtocolError(QMPError):
@@ -99,6 +107,10 @@ class AbnormalShutdown(VMError):
 
 class GuestError(VMError):
     """The guest (console, agent) did not behave as expected."""
+
+
+class PackageError(GuestError):
+    """A Debian package (for the bundled guest) could not be resolved, fetched or read."""
 
 
 # -- the serial console -------------------------------------------------------
