@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -33,7 +33,7 @@ except OSError:
 
 
 @pytest.fixture
-def flooded() -> Iterator[object]:
+def flooded() -> Iterator[Callable[..., socket.socket]]:
     """`flooded(line, first)` → our end of a socket a peer process sends
     `first` and then floods with `line`."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -64,7 +64,9 @@ def flooded() -> Iterator[object]:
         p.wait(10)
 
 
-def test_agent_sync_ends_at_its_deadline_under_a_flood(flooded) -> None:  # type: ignore[no-untyped-def]
+def test_agent_sync_ends_at_its_deadline_under_a_flood(
+    flooded: Callable[..., socket.socket],
+) -> None:
     # past the 0xFF, each line is parsed: stale answers, never our token
     agent = GuestAgent(flooded('{"return": 1}', b"\xff"))
     t0 = time.monotonic()
@@ -75,7 +77,9 @@ def test_agent_sync_ends_at_its_deadline_under_a_flood(flooded) -> None:  # type
     assert elapsed < 3, f"sync(timeout=1) took {elapsed:.1f} s"
 
 
-def test_qtest_request_ends_at_its_deadline_under_a_flood(flooded) -> None:  # type: ignore[no-untyped-def]
+def test_qtest_request_ends_at_its_deadline_under_a_flood(
+    flooded: Callable[..., socket.socket],
+) -> None:
     qt = Qtest(flooded("IRQ raise 1"))
     t0 = time.monotonic()
     with pytest.raises(Timeout):
