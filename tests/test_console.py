@@ -14,6 +14,7 @@ import pytest
 from conftest import QEMU, run_async, wait_until
 
 from vmpilot import AbnormalShutdown, AsyncMachine, GuestError, Machine, Timeout, guest
+from vmpilot._util.deadline import Deadline
 from vmpilot.console import ConsoleBuffer, ExpectTimeout, visible
 
 
@@ -25,27 +26,27 @@ def bios(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def tiny(bios: str) -> Iterator[Machine]:
     with Machine(guest.tiny.config(bios, qemu=QEMU, accel="tcg")) as vm:
-        vm.console.expect(guest.tiny.READY + "\r\n", 10)
+        vm.console.expect(guest.tiny.READY + "\r\n", timeout=10)
         yield vm
 
 
 def test_expect_literal_regex_and_lists(tiny: Machine) -> None:
     con = tiny.console
     con.send("abc-123-xyz")
-    m = con.expect(re.compile(r"(\d+)-(?P<tail>x\w\w)"), 5)
+    m = con.expect(re.compile(r"(\d+)-(?P<tail>x\w\w)"), timeout=5)
     assert (m.index, m.text, m.group(1), m.group("tail")) == (0, "123-xyz", "123", "xyz")
     assert m.before == b"abc-"
     con.send("second")
-    m = con.expect(["nope", "cond", "second"], 5)  # both complete with the same byte
+    m = con.expect(["nope", "cond", "second"], timeout=5)  # both complete with the same byte
     assert m.index == 2 and m.text == "second"  # the earliest start wins
     con.send(b"caf\xc3\xa9 \xff")
-    assert con.expect("café", 5).text == "café"  # str patterns match their UTF-8 bytes
+    assert con.expect("café", timeout=5).text == "café"  # str patterns match their UTF-8 bytes
 
 
 def test_read_until_and_settle(tiny: Machine) -> None:
     con = tiny.console
     con.send("one two three")
-    assert con.read_until("two", 5) == "one two"
+    assert con.read_until("two", timeout=5) == "one two"
     assert con.settle(quiet=0.2, timeout=5) == " three"
 
 
@@ -90,9 +91,18 @@ def test_shutdown_while_expect_waits_in_another_thread(tiny: Machine) -> None:
         except BaseException as exc:
             errors.append(exc)
 
+    # the console's "wait for data" primitive, instrumented: tells when expect waits
+    waiting = threading.Event()
+    wait_data = tiny.console._wait_data
+
+    def spy(seen: int, deadline: Deadline) -> None:
+        waiting.set()
+        wait_data(seen, deadline)
+
+    tiny.console._wait_data = spy  # type: ignore[method-assign]
     t = threading.Thread(target=waiter)
     t.start()
-    wait_until(lambda: tiny.console._cond._waiters, what="expect to wait")  # type: ignore[attr-defined]
+    assert waiting.wait(10)
     t0 = time.monotonic()
     tiny.shutdown(method="powerdown", timeout=10)
     t.join(10)
@@ -137,7 +147,7 @@ def test_console_needs_serial() -> None:
 
 def test_log_dir_keeps_transcript(bios: str, tmp_path: Path) -> None:
     with Machine(guest.tiny.config(bios, qemu=QEMU, log_dir=str(tmp_path), name="kept")) as vm:
-        vm.console.expect(guest.tiny.READY, 10)
+        vm.console.expect(guest.tiny.READY, timeout=10)
         kept = vm.log_dir
     assert kept is not None and Path(kept, "console.log").read_text().startswith("TINY-GUEST")
     assert Path(kept, "qemu.log").exists()
@@ -146,13 +156,13 @@ def test_log_dir_keeps_transcript(bios: str, tmp_path: Path) -> None:
 def test_async_console(bios: str) -> None:
     async def main() -> None:
         async with AsyncMachine(guest.tiny.config(bios, qemu=QEMU)) as vm:
-            await vm.console.expect(guest.tiny.READY, 10)
+            await vm.console.expect(guest.tiny.READY, timeout=10)
             vm.console.send("ping")
-            assert (await vm.console.expect(re.compile("p.ng"), 5)).text == "ping"
+            assert (await vm.console.expect(re.compile("p.ng"), timeout=5)).text == "ping"
             vm.console.send("rest")
-            assert await vm.console.settle(0.2, 5) == "rest"
+            assert await vm.console.settle(0.2, timeout=5) == "rest"
+            # the task runs (and starts waiting) before the loop can see QEMU exit
             waiter = asyncio.ensure_future(vm.console.expect("never", timeout=30))
-            await asyncio.sleep(0)
             vm.console.send(b"~\x02")
             with pytest.raises(GuestError, match="console closed"):
                 await waiter

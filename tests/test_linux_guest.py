@@ -23,8 +23,8 @@ def boot(image: GuestImage, options: str = "", **kw: object) -> Machine:
 def test_boot_shell_and_acpi_powerdown(linux_guest: GuestImage) -> None:
     t0 = time.monotonic()
     with boot(linux_guest) as vm:
-        vm.console.expect(guest.READY, 120, fail="Kernel panic")
-        vm.shell.wait_ready(60)
+        vm.console.expect(guest.READY, timeout=120, fail="Kernel panic")
+        vm.shell.wait_ready(timeout=60)
         boot_s = time.monotonic() - t0
         status, out = vm.shell.run("uname -r")
         assert (status, out.strip()) == (0, linux_guest.kernel_release)
@@ -42,7 +42,7 @@ def test_boot_shell_and_acpi_powerdown(linux_guest: GuestImage) -> None:
 
 def test_guest_ignoring_power_button_is_killed_and_reported(linux_guest: GuestImage) -> None:
     vm = boot(linux_guest, "vmpilot.pd=ignore")
-    vm.shell.wait_ready(120)
+    vm.shell.wait_ready(timeout=120)
     tmp, pid = vm.temp_dir, vm.pid
     with pytest.raises(AbnormalShutdown, match="did not exit within 3 s of 'system_powerdown'"):
         vm.shutdown(method="powerdown", timeout=3)
@@ -60,7 +60,7 @@ def test_guest_chosen_exit_code_via_isa_debug_exit(linux_guest: GuestImage) -> N
 def test_async_machine_with_the_linux_guest(linux_guest: GuestImage) -> None:
     async def main() -> str:
         async with AsyncMachine(linux_guest.config(qemu=QEMU)) as vm:
-            await vm.shell.wait_ready(120)
+            await vm.shell.wait_ready(timeout=120)
             status, out = await vm.shell.run("echo $((6*7))")
             assert status == 0
             await vm.shutdown(method="powerdown")

@@ -53,7 +53,7 @@ def test_failing_test_gets_console_and_log_sections(pytester: pytest.Pytester) -
         def test_fails(vm_factory, tmp_path):
             bios = guest.tiny.write(str(tmp_path))
             vm = vm_factory(guest.tiny.config(bios))
-            vm.console.expect(guest.tiny.READY, 10)
+            vm.console.expect(guest.tiny.READY, timeout=10)
             try:
                 assert False, "boom"
             finally:

@@ -78,6 +78,19 @@ def test_async_agent(agent_guest: GuestImage) -> None:
             agent = await vm.wait_for_agent(timeout=120)
             r = await agent.exec(["/bin/uname", "-r"])
             assert r.exit_code == 0 and r.stdout.strip() == agent_guest.kernel_release.encode()
+            assert (await agent.info())["version"]
+            data = bytes(range(256)) * 4096  # 1 MiB: many chunks each way
+            await agent.write_file("/tmp/blob", data)
+            assert await agent.read_file("/tmp/blob") == data
+            r = await agent.exec(["/bin/sh", "-c", "wc -c < /tmp/blob"])
+            assert r.stdout.strip() == b"1048576"
+            with pytest.raises(AgentError) as info:
+                await agent.read_file("/no/such/file")
+            assert info.value.command == "guest-file-open" and "No such file" in info.value.desc
+            with pytest.raises(AgentTimeout, match="to finish in the guest"):
+                await agent.exec(["/bin/sleep", "5"], timeout=0.3)
+            assert await agent.fsfreeze_status() == "thawed"
+            assert any(i["name"] == "lo" for i in await agent.network_interfaces())
             await agent.shutdown()
             assert await vm.wait(timeout=60) == 0
 

@@ -46,8 +46,16 @@ class LaunchError(VMError):
         super().__init__("\n".join(parts))
 
 
+class ConfigError(LaunchError, ValueError):
+    """The VM description is invalid; QEMU was not started."""
+
+
 class QMPError(VMError):
     """Anything that went wrong talking QMP."""
+
+
+class ValidationError(QMPError, ValueError):
+    """A command does not fit the schema of the connected QEMU; not sent."""
 
 
 class ProtocolError(QMPError):
@@ -73,8 +81,14 @@ class CommandError(QMPError):
         super().__init__(f"{command}{args} failed: {error_class}: {desc}")
 
 
-class Disconnected(QMPError):
-    """The connection is gone (or was never there); nothing more can be sent."""
+class ChannelClosed(VMError):
+    """A channel to QEMU (QMP, console, guest agent, qtest) is closed: QEMU
+    exited, or vmpilot closed it. One base, so `except ChannelClosed` covers
+    every channel; each subclass also keeps its channel's own base."""
+
+
+class Disconnected(QMPError, ChannelClosed):
+    """The QMP connection is gone (or was never there); nothing more can be sent."""
 
 
 class Timeout(VMError, TimeoutError):
@@ -93,3 +107,54 @@ class AbnormalShutdown(VMError):
 
 class GuestError(VMError):
     """The guest (console, agent) did not behave as expected."""
+
+
+class PackageError(GuestError):
+    """A Debian package (for the bundled guest) could not be resolved, fetched or read."""
+
+
+# -- the serial console -------------------------------------------------------
+
+
+class ConsoleClosed(GuestError, ChannelClosed):
+    """The console closed (the VM died or was shut down, or it was closed)."""
+
+
+class ExpectTimeout(Timeout, GuestError):
+    """The pattern did not show up on the console in time."""
+
+    def __init__(self, message: str, what: str, timeout: float | None) -> None:
+        Timeout.__init__(self, what, timeout)
+        self.args = (message,)
+
+
+# -- the guest agent ----------------------------------------------------------
+
+
+class AgentError(GuestError):
+    """The agent answered with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"guest agent: {command} failed: {error_class}: {desc}")
+
+
+class AgentTimeout(Timeout, GuestError):
+    """The agent did not answer in time (not running yet, or busy)."""
+
+
+class AgentGone(GuestError, ChannelClosed):
+    """The agent's channel closed (QEMU exited, or it was closed)."""
+
+
+# -- qtest --------------------------------------------------------------------
+
+
+class QtestError(VMError):
+    """QEMU answered a qtest command with FAIL/ERR."""
+
+
+class QtestClosed(ChannelClosed):
+    """The qtest channel closed (QEMU exited, or it was closed)."""

@@ -17,15 +17,13 @@ import subprocess
 import threading
 from typing import Any
 
-from ._util.deadline import Deadline
-from .errors import LaunchError, Timeout, VMError
+from ._util.deadline import Deadline, Within
+from .errors import LaunchError, QtestClosed, QtestError, Timeout, VMError
 from .machine import Machine, MachineConfig
 
-DEFAULT_TIMEOUT = 30.0
+__all__ = ["Qtest", "QtestClosed", "QtestError", "QtestMachine", "QtestProtocol", "qtest_available"]
 
-
-class QtestError(VMError):
-    """QEMU answered a qtest command with FAIL/ERR."""
+DEFAULT_TIMEOUT = 30.0  # seconds a qtest command waits for its answer unless told otherwise
 
 
 _PROBE = b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
@@ -95,29 +93,39 @@ class Qtest:
         self._replies: list[str] = []
         self._lock = threading.Lock()
 
-    def command(self, *words: object, timeout: float | None = DEFAULT_TIMEOUT) -> list[str]:
+    def command(self, *words: object, timeout: Within = DEFAULT_TIMEOUT) -> list[str]:
         """Send one command; the words after `OK`, or `QtestError`."""
         reply = self.request(" ".join(str(w) for w in words), timeout=timeout)
         return _ok(" ".join(map(str, words)), reply)
 
-    def request(self, line: str, timeout: float | None = DEFAULT_TIMEOUT) -> str:
+    def request(self, line: str, *, timeout: Within = DEFAULT_TIMEOUT) -> str:
         """Send one command line; QEMU's answer line as it is (`OK ...`/`FAIL ...`)."""
         data = self._proto.command(line)
         words = line.split() or [""]
         with self._lock:
             sock = self._sock
             if sock is None:
-                raise VMError(f"{self.name}: the channel is closed")
-            sock.sendall(data)
-            deadline = Deadline(timeout)
+                raise QtestClosed(f"{self.name}: the channel is closed")
+            deadline = Deadline.of(timeout)
+            try:
+                sock.settimeout(deadline.remaining())
+                sock.sendall(data)
+            except (TimeoutError, BlockingIOError):
+                raise Timeout(f"qtest to take {words[0]!r}", deadline.timeout) from None
+            except OSError as exc:
+                raise QtestClosed(f"{self.name}: cannot send: {exc}") from exc
             while not self._replies:
+                if deadline.expired:  # IRQ lines that keep coming must not carry us past it
+                    raise Timeout(f"qtest's answer to {words[0]!r}", deadline.timeout)
                 sock.settimeout(deadline.remaining())
                 try:
                     chunk = sock.recv(65536)
                 except (TimeoutError, BlockingIOError):
-                    raise Timeout(f"qtest's answer to {words[0]!r}", timeout) from None
+                    raise Timeout(f"qtest's answer to {words[0]!r}", deadline.timeout) from None
+                except OSError as exc:
+                    raise QtestClosed(f"{self.name}: {exc}") from exc
                 if not chunk:
-                    raise VMError(f"{self.name}: QEMU closed the qtest channel")
+                    raise QtestClosed(f"{self.name}: QEMU closed the qtest channel")
                 self._replies += self._proto.receive_data(chunk)
             return self._replies.pop(0)
 

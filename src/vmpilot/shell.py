@@ -4,6 +4,10 @@ Each command is bracketed by markers with a random token, typed so that the
 tty's echo of the command line never contains them (`'VMP''B…'`): kernel
 messages or the echo interleaving with the output cannot be mistaken for the
 end of the command.
+
+The operations are plans (see `_util.plan`) over the console's primitives,
+composed with its `expect` plan; `Shell` and `AsyncShell` only run them on
+their console.
 """
 
 from __future__ import annotations
@@ -12,11 +16,16 @@ import re
 import secrets
 import shlex
 
+from ._util.deadline import Deadline, Within
+from ._util.plan import Call, Plan
 from .console import ANSI, AsyncConsole, Console
+from .console import plans as console_plans
+from .console._base import ConsoleBase
 from .errors import GuestError
 
 PROMPT = "guest# "
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = 60.0  # seconds a shell command (or the prompt) may take unless told otherwise
+PANIC = "Kernel panic"
 
 
 def _script(command: str, token: str) -> str:
@@ -42,6 +51,29 @@ def clean(output: bytes) -> str:
     )
 
 
+# -- the plans (one deadline for the whole operation) -------------------------
+
+
+def wait_ready_plan(con: ConsoleBase, prompt: str, deadline: Deadline) -> Plan[None]:
+    yield from console_plans.expect(con, prompt, [PANIC], deadline)
+
+
+def run_plan(con: ConsoleBase, command: str, deadline: Deadline) -> Plan[tuple[int, str]]:
+    token = secrets.token_hex(6)
+    begin, end = _markers(token)
+    yield Call("_send", (_script(command, token) + "\n").encode())
+    yield from console_plans.expect(con, begin, None, deadline)
+    m = yield from console_plans.expect(con, end, None, deadline)
+    return int(m.group(1)), clean(m.before)
+
+
+def check_plan(con: ConsoleBase, command: str, deadline: Deadline) -> Plan[str]:
+    status, output = yield from run_plan(con, command, deadline)
+    if status != 0:
+        raise GuestError(f"{command!r} exited with {status} in the guest:\n{output}")
+    return output
+
+
 class Shell:
     """`run(cmd)` → `(exit_status, output)` on the guest's console shell."""
 
@@ -49,24 +81,17 @@ class Shell:
         self.console = console
         self.prompt = prompt
 
-    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Wait for the shell prompt (after boot)."""
-        self.console.expect(self.prompt, timeout, fail=["Kernel panic"])
+    def wait_ready(self, *, timeout: Within = DEFAULT_TIMEOUT) -> None:
+        """Wait for the shell prompt (after boot); a kernel panic fails at once."""
+        self.console._perform(wait_ready_plan(self.console, self.prompt, Deadline.of(timeout)))
 
-    def run(self, command: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, str]:
-        token = secrets.token_hex(6)
-        begin, end = _markers(token)
-        self.console.send_line(_script(command, token))
-        self.console.expect(begin, timeout)
-        m = self.console.expect(end, timeout)
-        return int(m.group(1)), clean(m.before)
+    def run(self, command: str, *, timeout: Within = DEFAULT_TIMEOUT) -> tuple[int, str]:
+        """Run one command line; its exit status and output."""
+        return self.console._perform(run_plan(self.console, command, Deadline.of(timeout)))
 
-    def check(self, command: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+    def check(self, command: str, *, timeout: Within = DEFAULT_TIMEOUT) -> str:
         """`run`, raising `GuestError` on a non-zero exit status."""
-        status, output = self.run(command, timeout)
-        if status != 0:
-            raise GuestError(f"{command!r} exited with {status} in the guest:\n{output}")
-        return output
+        return self.console._perform(check_plan(self.console, command, Deadline.of(timeout)))
 
 
 class AsyncShell:
@@ -76,19 +101,16 @@ class AsyncShell:
         self.console = console
         self.prompt = prompt
 
-    async def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        await self.console.expect(self.prompt, timeout, fail=["Kernel panic"])
+    async def wait_ready(self, *, timeout: Within = DEFAULT_TIMEOUT) -> None:
+        """See `Shell.wait_ready`."""
+        plan = wait_ready_plan(self.console, self.prompt, Deadline.of(timeout))
+        await self.console._perform(plan)
 
-    async def run(self, command: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, str]:
-        token = secrets.token_hex(6)
-        begin, end = _markers(token)
-        self.console.send_line(_script(command, token))
-        await self.console.expect(begin, timeout)
-        m = await self.console.expect(end, timeout)
-        return int(m.group(1)), clean(m.before)
+    async def run(self, command: str, *, timeout: Within = DEFAULT_TIMEOUT) -> tuple[int, str]:
+        """See `Shell.run`."""
+        return await self.console._perform(run_plan(self.console, command, Deadline.of(timeout)))
 
-    async def check(self, command: str, timeout: float = DEFAULT_TIMEOUT) -> str:
-        status, output = await self.run(command, timeout)
-        if status != 0:
-            raise GuestError(f"{command!r} exited with {status} in the guest:\n{output}")
-        return output
+    async def check(self, command: str, *, timeout: Within = DEFAULT_TIMEOUT) -> str:
+        """See `Shell.check`."""
+        plan = check_plan(self.console, command, Deadline.of(timeout))
+        return await self.console._perform(plan)

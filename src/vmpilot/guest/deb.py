@@ -14,11 +14,7 @@ import tarfile
 from collections.abc import Callable, Iterable
 from typing import IO
 
-from ..errors import GuestError
-
-
-class PackageError(GuestError):
-    """A Debian package could not be resolved, fetched or read."""
+from ..errors import PackageError as PackageError  # defined with every error, in errors.py
 
 
 def _run(argv: list[str], cwd: str | None = None) -> str:

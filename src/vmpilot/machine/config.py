@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..errors import ConfigError as ConfigError  # defined with every error, in errors.py
 from ..errors import LaunchError
 
 log = logging.getLogger("vmpilot.machine")
@@ -22,10 +23,6 @@ log = logging.getLogger("vmpilot.machine")
 ACCELS = ("auto", "kvm", "tcg", "qtest", "xen", "hvf", "whpx")
 _MEMORY = re.compile(r"^\d+(\.\d+)?[KMGT]?$", re.IGNORECASE)
 _KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-class ConfigError(LaunchError, ValueError):
-    """The VM description is invalid; QEMU was not started."""
 
 
 def escape(value: object) -> str:

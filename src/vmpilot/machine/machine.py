@@ -238,7 +238,7 @@ class Machine(_Common):
 
     def wait_for_agent(self, timeout: float = 120.0) -> GuestAgent:
         """Block until qemu-ga answers in the guest (it starts late in boot)."""
-        self.agent.sync(timeout)
+        self.agent.sync(timeout=timeout)
         return self.agent
 
     @property
@@ -452,7 +452,7 @@ class AsyncMachine(_Common):
         return _configured(self._agent, "agent channel", "agent")
 
     async def wait_for_agent(self, timeout: float = 120.0) -> AsyncGuestAgent:
-        await self.agent.sync(timeout)
+        await self.agent.sync(timeout=timeout)
         return self.agent
 
     @property

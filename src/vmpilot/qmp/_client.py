@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
-from types import EllipsisType
 from typing import Any
 
 from .._util.deadline import Deadline
+from .._util.deadline import TimeoutArg as TimeoutArg  # its home is _util
 from ..errors import Disconnected
 from . import _transport
 from .events import EventLog, Listener, NameFilter
@@ -17,8 +17,6 @@ from .schema import Schema
 
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
-
-TimeoutArg = float | None | EllipsisType
 
 
 class ClientBase:

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Sequence
 from typing import Union
 
+from .._util.fds import check_fd as check_fd  # its home is _util; kept importable here
 from ..errors import Disconnected, QMPError
 
 Address = Union[str, "os.PathLike[str]", tuple[str, int], socket.socket, int]
@@ -75,13 +76,3 @@ def sendmsg_fds(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int
         raise QMPError("file descriptors can only be passed over a unix socket")
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
     return sock.sendmsg([data], anc)
-
-
-def check_fd(fd: int) -> int:
-    if isinstance(fd, bool) or not isinstance(fd, int):
-        raise TypeError(f"fd must be an int file descriptor, not {fd!r}")
-    try:
-        os.fstat(fd)
-    except OSError as exc:
-        raise ValueError(f"fd {fd} is not an open file descriptor: {exc.strerror}") from None
-    return fd

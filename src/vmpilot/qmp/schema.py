@@ -12,7 +12,7 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..errors import QMPError
+from ..errors import ValidationError as ValidationError  # defined with every error, in errors.py
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
@@ -21,10 +21,6 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "boolean": (bool,),
     "null": (type(None),),
 }
-
-
-class ValidationError(QMPError, ValueError):
-    """A command does not fit the schema of the connected QEMU; not sent."""
 
 
 class Member:
