@@ -7,6 +7,7 @@ or `FAIL ...`; `IRQ raise N` / `IRQ lower N` lines may arrive at any time.
 
 Debian's QEMU packages delete the qtest accelerator module; `qtest_available()`
 tries whether a binary has it, and `QtestMachine` refuses clearly without it.
+A VM gets this channel with `MachineConfig(qtest=True)`, as `vm.qtest`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import threading
 from typing import Any
 
 from ._util.deadline import Deadline
-from .errors import LaunchError, Timeout, VMError
-from .machine import Machine, MachineConfig
+from .errors import Timeout, VMError
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -190,27 +190,11 @@ class Qtest:
             sock.close()
 
 
-class QtestMachine(Machine):
-    """A `Machine` under `-accel qtest` with `vm.qtest` connected."""
+def __getattr__(name: str) -> Any:
+    # `QtestMachine` is a Machine, so it lives in the machine package; this
+    # channel module must not import upward, hence a lazy re-export
+    if name == "QtestMachine":
+        from .machine.qtest_machine import QtestMachine
 
-    def __init__(self, config: MachineConfig | None = None, **overrides: Any) -> None:
-        overrides.setdefault("accel", "qtest")
-        overrides["qtest"] = True
-        super().__init__(config, **overrides)
-
-    def launch(self, *, timeout: float | None = 30.0) -> QtestMachine:
-        qemu = self.config.resolve_qemu()
-        if not qtest_available(qemu):
-            raise LaunchError(
-                f"{qemu} was built without the qtest accelerator (it does not start with "
-                f"`-accel qtest`; Debian's packages delete that module); use a QEMU built with it"
-            )
-        super().launch(timeout=timeout)
-        self._qtest = Qtest(self._channels["qtest"], f"qtest of {self._vm_name()}")
-        return self
-
-    @property
-    def qtest(self) -> Qtest:
-        if getattr(self, "_qtest", None) is None:
-            raise VMError(f"the VM is {self.state}: no qtest channel")
-        return self._qtest
+        return QtestMachine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
