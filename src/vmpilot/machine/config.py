@@ -168,7 +168,7 @@ class MachineConfig:
         return path
 
     def validate(self) -> None:
-        if not isinstance(self.machine, str) or not _MACHINE.match(self.machine):
+        if not isinstance(self.machine, str) or not _MACHINE.fullmatch(self.machine):
             # no machine type has these; refusing beats QEMU's "unsupported machine type"
             raise ConfigError(
                 f"invalid machine type {self.machine!r}: one name like 'q35' or 'pc-q35-7.2'"
