@@ -100,7 +100,7 @@ class Qtest:
         reply = self.request(" ".join(str(w) for w in words), timeout=timeout)
         return _ok(" ".join(map(str, words)), reply)
 
-    def request(self, line: str, timeout: float | None = DEFAULT_TIMEOUT) -> str:
+    def request(self, line: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> str:
         """Send one command line; QEMU's answer line as it is (`OK ...`/`FAIL ...`)."""
         data = self._proto.command(line)
         words = line.split() or [""]
