@@ -127,3 +127,14 @@ def test_machine_and_async_machine_have_the_same_operations() -> None:
                 assert p.default is not Ellipsis, name
                 if p.name == "timeout":
                     assert p.kind is inspect.Parameter.KEYWORD_ONLY, name
+
+
+def test_qtest_channel_does_not_import_the_machine() -> None:
+    import ast
+
+    import vmpilot.qtest
+
+    tree = ast.parse(inspect.getsource(vmpilot.qtest))
+    top = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
+    assert all("machine" not in (n.module or "") for n in top)
+    assert vmpilot.qtest.QtestMachine.__module__ == "vmpilot.machine.qtest_machine"

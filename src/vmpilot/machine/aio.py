@@ -88,7 +88,7 @@ class AsyncMachine(Common):
 
     async def wait_for_agent(self, *, timeout: float | None = AGENT_TIMEOUT) -> AsyncGuestAgent:
         """Until qemu-ga answers in the guest (it starts late in boot)."""
-        await self.agent.sync(timeout)
+        await self.agent.sync(timeout=timeout)
         return self.agent
 
     @property

@@ -92,7 +92,7 @@ class Machine(Common):
 
     def wait_for_agent(self, *, timeout: float | None = AGENT_TIMEOUT) -> GuestAgent:
         """Block until qemu-ga answers in the guest (it starts late in boot)."""
-        self.agent.sync(timeout)
+        self.agent.sync(timeout=timeout)
         return self.agent
 
     @property
