@@ -5,7 +5,8 @@ order of its steps, the deadline every step shares, the fallback to a kill
 and the verdict. `Machine` and `AsyncMachine` run the same plans; each only
 supplies the primitives, as methods of its `_io` object:
 
-- `start()`: spawn QEMU (`Lifecycle.start`) and wrap the channels;
+- `start()`: spawn QEMU (`Lifecycle.start`);
+- `connect()`: wrap our ends of the socketpairs in the channel clients;
 - `read_greeting(deadline)`, `negotiate(deadline)`: the QMP handshake;
 - `running()`: the VM is up (start watching for its exit);
 - `fail(why, cause) -> LaunchError`: kill, reap and clean up after a failed launch;
@@ -36,9 +37,10 @@ def _secs(deadline: Deadline) -> str:
 def launch(life: Lifecycle, deadline: Deadline) -> Plan[None]:
     """Spawn, then greeting and capabilities within `deadline`; a failure
     says which step failed, and garbage from QEMU fails at once."""
-    yield Call("start")
+    yield Call("start")  # on failure, everything it made is undone
     step = "QMP greeting"
     try:
+        yield Call("connect")
         yield Call("read_greeting", deadline)
         step = "answer to qmp_capabilities (the greeting came)"
         yield Call("negotiate", deadline)

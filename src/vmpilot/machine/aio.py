@@ -186,9 +186,21 @@ class _AsyncIO:
         self.socks: dict[str, socket.socket] = {}
 
     async def start(self) -> None:
-        vm, life = self.vm, self.life
+        self.socks = self.life.start()
         loop = asyncio.get_running_loop()
-        socks = self.socks = life.start()
+        loop.add_reader(self.life.pidfd, self.vm._on_exit)
+        self.life.on_cleanup.append(lambda: self._stop_watching(loop))
+
+    async def connect(self) -> None:
+        try:
+            self._wrap()
+        except BaseException:
+            for sock in self.socks.values():  # those not wrapped yet (closing twice is harmless)
+                sock.close()
+            raise
+
+    def _wrap(self) -> None:
+        vm, life, socks = self.vm, self.life, self.socks
         name = vm._vm_name()
         if "serial" in socks:
             vm._console = AsyncConsole(socks["serial"], life.console_path, name)
@@ -199,8 +211,6 @@ class _AsyncIO:
         if "qtest" in socks:
             vm._qtest = Qtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
-        loop.add_reader(life.pidfd, vm._on_exit)
-        life.on_cleanup.append(lambda: self._stop_watching(loop))
         vm._qmp = AsyncQMPClient(socks["qmp"])
         life.on_cleanup.insert(0, vm._qmp.close)
 

@@ -193,8 +193,18 @@ class _SyncIO:
         self.socks: dict[str, socket.socket] = {}
 
     def start(self) -> None:
-        vm, life = self.vm, self.life
-        socks = self.socks = life.start()
+        self.socks = self.life.start()
+
+    def connect(self) -> None:
+        try:
+            self._wrap()
+        except BaseException:
+            for sock in self.socks.values():  # those not wrapped yet (closing twice is harmless)
+                sock.close()
+            raise
+
+    def _wrap(self) -> None:
+        vm, life, socks = self.vm, self.life, self.socks
         name = vm._vm_name()
         if "serial" in socks:
             vm._console = Console(socks["serial"], life.console_path, name)
