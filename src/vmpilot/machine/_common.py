@@ -18,7 +18,6 @@ SHUTDOWN_TIMEOUT = 30.0
 WAIT_TIMEOUT = 300.0
 COMMAND_TIMEOUT = DEFAULT_TIMEOUT  # one QMP command (or one event wait)
 AGENT_TIMEOUT = 120.0  # qemu-ga starts late in boot
-FINISH_TIMEOUT = 10.0  # QEMU's exit after SIGKILL (only a stuck kernel delays it)
 
 
 def make_config(config: MachineConfig | None, overrides: dict[str, Any]) -> MachineConfig:

@@ -9,7 +9,6 @@ supplies the primitives, as methods of its `_io` object:
 - `connect()`: wrap our ends of the socketpairs in the channel clients;
 - `read_greeting(deadline)`, `negotiate(deadline)`: the QMP handshake;
 - `running()`: the VM is up (start watching for its exit);
-- `fail(why, cause) -> LaunchError`: kill, reap and clean up after a failed launch;
 - `execute(command, deadline)`: one QMP command;
 - `wait_exited(deadline) -> bool`: whether QEMU exited before the deadline;
 - `kill_process()`: SIGKILL, not waiting;
@@ -22,11 +21,12 @@ from typing import Literal
 
 from .._util.deadline import Deadline
 from .._util.plan import Call, Plan
-from ..errors import ProtocolError, QMPError, Timeout
+from ..errors import LaunchError, ProtocolError, QMPError, Timeout
 from .lifecycle import Lifecycle, State
 
 Method = Literal["quit", "powerdown"]
 METHODS = ("quit", "powerdown")
+FINISH_TIMEOUT = 10.0  # QEMU's exit after SIGKILL (only a stuck kernel delays it)
 EXIT_GRACE = 5.0  # QMP hung up during launch: how long QEMU gets to exit (its error is in its log)
 
 
@@ -45,20 +45,28 @@ def launch(life: Lifecycle, deadline: Deadline) -> Plan[None]:
         step = "answer to qmp_capabilities (the greeting came)"
         yield Call("negotiate", deadline)
     except Timeout as exc:
-        raise (yield Call("fail", f"no {step} within {_secs(deadline)}", exc)) from exc
+        raise (yield from _fail(life, f"no {step} within {_secs(deadline)}", exc)) from exc
     except ProtocolError as exc:  # waiting longer cannot make garbage right
-        raise (yield Call("fail", f"malformed QMP instead of a {step}: {exc}", exc)) from exc
+        raise (yield from _fail(life, f"malformed QMP instead of a {step}: {exc}", exc)) from exc
     except (QMPError, OSError) as exc:
         # most often QEMU exited on a bad option: let it finish, so its log is whole
         grace = deadline.remaining()
         yield Call("wait_exited", Deadline(EXIT_GRACE if grace is None else min(grace, EXIT_GRACE)))
-        raise (yield Call("fail", f"QMP failed while waiting for the {step} ({exc})", exc)) from exc
+        why = f"QMP failed while waiting for the {step} ({exc})"
+        raise (yield from _fail(life, why, exc)) from exc
     except GeneratorExit:
         raise
     except BaseException as exc:
-        raise (yield Call("fail", f"interrupted ({exc!r})", exc)) from exc
+        raise (yield from _fail(life, f"interrupted ({exc!r})", exc)) from exc
     life.move(State.RUNNING)
     yield Call("running")
+
+
+def _fail(life: Lifecycle, why: str, cause: BaseException) -> Plan[LaunchError]:
+    """Kill what is left of a failed launch, let it be reaped, clean up."""
+    yield Call("kill_process")
+    yield Call("wait_exited", Deadline(FINISH_TIMEOUT))
+    return life.launch_failed(why, cause)
 
 
 def shutdown(life: Lifecycle, method: Method, deadline: Deadline) -> Plan[None]:

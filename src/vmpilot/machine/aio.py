@@ -13,7 +13,6 @@ from typing import Any
 from .._util.deadline import Deadline
 from .._util.plan import arun
 from ..console import AsyncConsole
-from ..errors import LaunchError
 from ..qga import AsyncGuestAgent
 from ..qmp import AsyncQMPClient, Event
 from ..qmp.events import NameFilter
@@ -23,7 +22,6 @@ from . import _plans
 from ._common import (
     AGENT_TIMEOUT,
     COMMAND_TIMEOUT,
-    FINISH_TIMEOUT,
     LAUNCH_TIMEOUT,
     SHUTDOWN_TIMEOUT,
     WAIT_TIMEOUT,
@@ -31,7 +29,7 @@ from ._common import (
     configured,
     make_config,
 )
-from ._plans import Method
+from ._plans import FINISH_TIMEOUT, Method
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 
@@ -228,11 +226,6 @@ class _AsyncIO:
 
     async def running(self) -> None:
         pass  # the pidfd is watched from `start` on
-
-    async def fail(self, why: str, cause: BaseException | None) -> LaunchError:
-        self.life.kill_process()
-        await self.wait_exited(Deadline(FINISH_TIMEOUT))
-        return self.life.launch_failed(why, cause)
 
     async def execute(self, command: str, deadline: Deadline) -> Any:
         assert self.vm._qmp is not None

@@ -13,7 +13,6 @@ from typing import Any
 from .._util.deadline import Deadline
 from .._util.plan import run
 from ..console import Console
-from ..errors import LaunchError
 from ..qga import GuestAgent
 from ..qmp import Event, QMPClient
 from ..qmp.events import NameFilter
@@ -23,7 +22,6 @@ from . import _plans
 from ._common import (
     AGENT_TIMEOUT,
     COMMAND_TIMEOUT,
-    FINISH_TIMEOUT,
     LAUNCH_TIMEOUT,
     SHUTDOWN_TIMEOUT,
     WAIT_TIMEOUT,
@@ -31,7 +29,7 @@ from ._common import (
     configured,
     make_config,
 )
-from ._plans import Method
+from ._plans import FINISH_TIMEOUT, Method
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 
@@ -232,9 +230,6 @@ class _SyncIO:
         watcher = threading.Thread(target=self.vm._watch, name=f"vmpilot-watch-{pid}", daemon=True)
         self.vm._watcher = watcher
         watcher.start()
-
-    def fail(self, why: str, cause: BaseException | None) -> LaunchError:
-        return self.life.launch_failed(why, cause)
 
     def execute(self, command: str, deadline: Deadline) -> Any:
         assert self.vm._qmp is not None
