@@ -12,7 +12,7 @@ supplies the primitives, as methods of its `_io` object:
 - `execute(command, deadline)`: one QMP command;
 - `wait_exited(deadline) -> bool`: whether QEMU exited before the deadline;
 - `kill_process()`: SIGKILL, not waiting;
-- `finish()`: make sure QEMU is gone and run the post-shutdown step (once).
+- `cleanup()`: QEMU is gone (or beyond help): reap it, run the post-shutdown step.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def shutdown(life: Lifecycle, method: Method, deadline: Deadline) -> Plan[None]:
         return
     if not life.claim(State.RUNNING, State.SHUTTING_DOWN):
         # it ended already, or is ending by itself (the exit watcher has it)
-        yield Call("finish")
+        yield from _finish()
         _raise_unreported_crash(life)
         return
     command = "quit" if method == "quit" else "system_powerdown"
@@ -97,9 +97,9 @@ def shutdown(life: Lifecycle, method: Method, deadline: Deadline) -> Plan[None]:
     except GeneratorExit:
         raise
     except BaseException:
-        yield Call("finish")
+        yield from _finish()
         raise
-    yield Call("finish")
+    yield from _finish()
     life.check_shutdown(method, what, cause)
 
 
@@ -110,7 +110,7 @@ def wait(life: Lifecycle, deadline: Deadline) -> Plan[int | None]:
     if life.state is not State.STOPPED:
         exited = yield Call("wait_exited", deadline)
         life.claim(State.RUNNING, State.SHUTTING_DOWN)
-        yield Call("finish")
+        yield from _finish()
         if not exited:
             raise life.abnormal(f"QEMU did not exit by itself within {_secs(deadline)}", None)
     _raise_unreported_crash(life)
@@ -123,7 +123,15 @@ def kill(life: Lifecycle) -> Plan[None]:
         return
     life.claim(State.RUNNING, State.SHUTTING_DOWN)
     yield Call("kill_process")
-    yield Call("finish")
+    yield from _finish()
+
+
+def _finish() -> Plan[None]:
+    """Make sure QEMU is gone, then the post-shutdown step (it runs once)."""
+    if not (yield Call("wait_exited", Deadline(0))):
+        yield Call("kill_process")
+        yield Call("wait_exited", Deadline(FINISH_TIMEOUT))
+    yield Call("cleanup")
 
 
 def _raise_unreported_crash(life: Lifecycle) -> None:

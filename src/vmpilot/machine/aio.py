@@ -244,11 +244,8 @@ class _AsyncIO:
     async def kill_process(self) -> None:
         self.life.kill_process()
 
-    async def finish(self) -> None:
+    async def cleanup(self) -> None:
         life = self.life
-        if not await self.wait_exited(Deadline(0)):
-            life.kill_process()
-            await self.wait_exited(Deadline(FINISH_TIMEOUT))
         if life.returncode is None:
             life.reap(timeout=FINISH_TIMEOUT)
         life.cleanup()

@@ -243,11 +243,8 @@ class _SyncIO:
     def kill_process(self) -> None:
         self.life.kill_process()
 
-    def finish(self) -> None:
+    def cleanup(self) -> None:
         vm, life = self.vm, self.life
-        if not self.wait_exited(Deadline(0)):
-            life.kill_process()
-            self.wait_exited(Deadline(FINISH_TIMEOUT))
         life.reap(timeout=FINISH_TIMEOUT)
         if vm._watcher is not None:
             vm._watcher.join(FINISH_TIMEOUT)  # its cleanup (if it started one) is complete
