@@ -8,7 +8,6 @@ import dataclasses
 from typing import Any, TypeVar
 
 from ..errors import VMError
-from ..qmp._client import DEFAULT_TIMEOUT
 from ..qmp._transport import check_fd
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
@@ -16,7 +15,7 @@ from .lifecycle import Lifecycle, State
 LAUNCH_TIMEOUT = 30.0
 SHUTDOWN_TIMEOUT = 30.0
 WAIT_TIMEOUT = 300.0
-COMMAND_TIMEOUT = DEFAULT_TIMEOUT  # one QMP command (or one event wait)
+COMMAND_TIMEOUT = 30.0  # one QMP command or event wait (the QMP clients' default too)
 AGENT_TIMEOUT = 120.0  # qemu-ga starts late in boot
 
 
