@@ -156,6 +156,6 @@ def test_qtest_channel_on_both_faces() -> None:
 
     async def main() -> None:
         async with AsyncMachine(machine="none", memory=32, qemu=QEMU, qtest=True) as avm:
-            assert avm.qtest.request("endianness") == "OK little"
+            assert await avm.qtest.request("endianness") == "OK little"
 
     run_async(main())

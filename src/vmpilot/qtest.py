@@ -12,16 +12,19 @@ A VM gets this channel with `MachineConfig(qtest=True)`, as `vm.qtest`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import socket
 import subprocess
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 from ._util.deadline import Deadline
+from ._util.plan import Call, Plan, arun, run
 from .errors import Timeout, VMError
 
 DEFAULT_TIMEOUT = 30.0
+T = TypeVar("T")
 
 
 class QtestError(VMError):
@@ -84,6 +87,64 @@ def _ok(command: str, reply: str) -> list[str]:
     return words[1:]
 
 
+# -- the operations, written once as plans (see `_util.plan`) -------------
+# A face supplies `_send(data)` and `_recv(deadline) -> bytes` (b"" at EOF;
+# `TimeoutError` past the deadline) and runs these under its lock.
+
+
+class _Core:
+    """One channel's protocol state and the replies read ahead."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.proto = QtestProtocol()
+        self.replies: list[str] = []
+
+
+def _request(core: _Core, line: str, timeout: float | None) -> Plan[str]:
+    data = core.proto.command(line)
+    deadline = Deadline(timeout)
+    yield Call("_send", data)
+    while not core.replies:
+        try:
+            chunk = yield Call("_recv", deadline)
+        except TimeoutError:
+            raise Timeout(f"qtest's answer to {(line.split() or [''])[0]!r}", timeout) from None
+        if not chunk:
+            raise VMError(f"{core.name}: QEMU closed the qtest channel")
+        core.replies += core.proto.receive_data(chunk)
+    return core.replies.pop(0)
+
+
+def _command(core: _Core, words: tuple[object, ...], timeout: float | None) -> Plan[list[str]]:
+    line = " ".join(str(w) for w in words)
+    return _ok(line, (yield from _request(core, line, timeout)))
+
+
+def _number(core: _Core, *words: object) -> Plan[int]:
+    return int((yield from _command(core, words, DEFAULT_TIMEOUT))[0], 0)
+
+
+def _done(core: _Core, *words: object) -> Plan[None]:
+    yield from _command(core, words, DEFAULT_TIMEOUT)
+
+
+def _read_bytes(core: _Core, addr: int, size: int) -> Plan[bytes]:
+    if size <= 0:
+        return b""
+    text = (yield from _command(core, ("read", hex(addr), size), DEFAULT_TIMEOUT))[0]
+    return bytes.fromhex(text.removeprefix("0x"))
+
+
+def _write_bytes(core: _Core, addr: int, data: bytes) -> Plan[None]:
+    if data:
+        yield from _done(core, "write", hex(addr), len(data), "0x" + data.hex())
+
+
+def _clock_step(core: _Core, ns: int | None) -> Plan[int]:
+    return (yield from _number(core, "clock_step", *([] if ns is None else [ns])))
+
+
 class Qtest:
     """Blocking qtest client over a connected socket (thread-safe)."""
 
@@ -91,98 +152,179 @@ class Qtest:
         self._sock: socket.socket | None = sock
         sock.setblocking(True)
         self.name = name
-        self._proto = QtestProtocol()
-        self._replies: list[str] = []
+        self._core = _Core(name)
         self._lock = threading.Lock()
+
+    def _run(self, plan: Plan[T]) -> T:
+        with self._lock:
+            return run(plan, self)
+
+    def _send(self, data: bytes) -> None:
+        if self._sock is None:
+            raise VMError(f"{self.name}: the channel is closed")
+        self._sock.sendall(data)
+
+    def _recv(self, deadline: Deadline) -> bytes:
+        if self._sock is None:
+            raise VMError(f"{self.name}: the channel is closed")
+        self._sock.settimeout(deadline.remaining())
+        try:
+            return self._sock.recv(65536)
+        except BlockingIOError:  # a zero timeout
+            raise TimeoutError from None
 
     def command(self, *words: object, timeout: float | None = DEFAULT_TIMEOUT) -> list[str]:
         """Send one command; the words after `OK`, or `QtestError`."""
-        reply = self.request(" ".join(str(w) for w in words), timeout=timeout)
-        return _ok(" ".join(map(str, words)), reply)
+        return self._run(_command(self._core, words, timeout))
 
     def request(self, line: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> str:
         """Send one command line; QEMU's answer line as it is (`OK ...`/`FAIL ...`)."""
-        data = self._proto.command(line)
-        words = line.split() or [""]
-        with self._lock:
-            sock = self._sock
-            if sock is None:
-                raise VMError(f"{self.name}: the channel is closed")
-            sock.sendall(data)
-            deadline = Deadline(timeout)
-            while not self._replies:
-                sock.settimeout(deadline.remaining())
-                try:
-                    chunk = sock.recv(65536)
-                except (TimeoutError, BlockingIOError):
-                    raise Timeout(f"qtest's answer to {words[0]!r}", timeout) from None
-                if not chunk:
-                    raise VMError(f"{self.name}: QEMU closed the qtest channel")
-                self._replies += self._proto.receive_data(chunk)
-            return self._replies.pop(0)
+        return self._run(_request(self._core, line, timeout))
 
     # clock
     def clock_step(self, ns: int | None = None) -> int:
         """Advance the virtual clock (by `ns`, or to the next timer); the new time."""
-        words = self.command("clock_step", *([] if ns is None else [ns]))
-        return int(words[0])
+        return self._run(_clock_step(self._core, ns))
 
     def clock_set(self, ns: int) -> int:
-        return int(self.command("clock_set", ns)[0])
+        return self._run(_number(self._core, "clock_set", ns))
 
     # memory
-    def _read(self, op: str, addr: int) -> int:
-        return int(self.command(op, hex(addr))[0], 0)
-
     def readb(self, addr: int) -> int:
-        return self._read("readb", addr)
+        return self._run(_number(self._core, "readb", hex(addr)))
 
     def readw(self, addr: int) -> int:
-        return self._read("readw", addr)
+        return self._run(_number(self._core, "readw", hex(addr)))
 
     def readl(self, addr: int) -> int:
-        return self._read("readl", addr)
+        return self._run(_number(self._core, "readl", hex(addr)))
 
     def readq(self, addr: int) -> int:
-        return self._read("readq", addr)
+        return self._run(_number(self._core, "readq", hex(addr)))
 
     def writeb(self, addr: int, value: int) -> None:
-        self.command("writeb", hex(addr), hex(value))
+        self._run(_done(self._core, "writeb", hex(addr), hex(value)))
 
     def writew(self, addr: int, value: int) -> None:
-        self.command("writew", hex(addr), hex(value))
+        self._run(_done(self._core, "writew", hex(addr), hex(value)))
 
     def writel(self, addr: int, value: int) -> None:
-        self.command("writel", hex(addr), hex(value))
+        self._run(_done(self._core, "writel", hex(addr), hex(value)))
 
     def writeq(self, addr: int, value: int) -> None:
-        self.command("writeq", hex(addr), hex(value))
+        self._run(_done(self._core, "writeq", hex(addr), hex(value)))
 
     def read(self, addr: int, size: int) -> bytes:
-        if size <= 0:
-            return b""
-        text = self.command("read", hex(addr), size)[0]
-        return bytes.fromhex(text.removeprefix("0x"))
+        return self._run(_read_bytes(self._core, addr, size))
 
     def write(self, addr: int, data: bytes) -> None:
-        if data:
-            self.command("write", hex(addr), len(data), "0x" + data.hex())
+        self._run(_write_bytes(self._core, addr, data))
 
     # I/O ports
     def inb(self, port: int) -> int:
-        return self._read("inb", port)
+        return self._run(_number(self._core, "inb", hex(port)))
 
     def outb(self, port: int, value: int) -> None:
-        self.command("outb", hex(port), hex(value))
+        self._run(_done(self._core, "outb", hex(port), hex(value)))
 
     # interrupts
     def irq_intercept_in(self, qom_path: str) -> None:
         """Report the input IRQ lines of device `qom_path` (see `irq_level`)."""
-        self.command("irq_intercept_in", qom_path)
+        self._run(_done(self._core, "irq_intercept_in", qom_path))
 
     def irq_level(self, line: int) -> bool:
         """The last level QEMU reported for intercepted IRQ `line`."""
-        return self._proto.irq_levels.get(line, False)
+        return self._core.proto.irq_levels.get(line, False)
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+class AsyncQtest:
+    """The asyncio twin of `Qtest`: the same operations (the same plans)."""
+
+    def __init__(self, sock: socket.socket, name: str = "qtest") -> None:
+        self._sock: socket.socket | None = sock
+        sock.setblocking(False)
+        self.name = name
+        self._core = _Core(name)
+        self._lock = asyncio.Lock()
+
+    async def _run(self, plan: Plan[T]) -> T:
+        async with self._lock:
+            return await arun(plan, self)
+
+    async def _send(self, data: bytes) -> None:
+        if self._sock is None:
+            raise VMError(f"{self.name}: the channel is closed")
+        await asyncio.get_running_loop().sock_sendall(self._sock, data)
+
+    async def _recv(self, deadline: Deadline) -> bytes:
+        if self._sock is None:
+            raise VMError(f"{self.name}: the channel is closed")
+        recv = asyncio.get_running_loop().sock_recv(self._sock, 65536)
+        return await asyncio.wait_for(recv, deadline.remaining())
+
+    async def command(self, *words: object, timeout: float | None = DEFAULT_TIMEOUT) -> list[str]:
+        """Send one command; the words after `OK`, or `QtestError`."""
+        return await self._run(_command(self._core, words, timeout))
+
+    async def request(self, line: str, *, timeout: float | None = DEFAULT_TIMEOUT) -> str:
+        """Send one command line; QEMU's answer line as it is (`OK ...`/`FAIL ...`)."""
+        return await self._run(_request(self._core, line, timeout))
+
+    async def clock_step(self, ns: int | None = None) -> int:
+        """Advance the virtual clock (by `ns`, or to the next timer); the new time."""
+        return await self._run(_clock_step(self._core, ns))
+
+    async def clock_set(self, ns: int) -> int:
+        return await self._run(_number(self._core, "clock_set", ns))
+
+    async def readb(self, addr: int) -> int:
+        return await self._run(_number(self._core, "readb", hex(addr)))
+
+    async def readw(self, addr: int) -> int:
+        return await self._run(_number(self._core, "readw", hex(addr)))
+
+    async def readl(self, addr: int) -> int:
+        return await self._run(_number(self._core, "readl", hex(addr)))
+
+    async def readq(self, addr: int) -> int:
+        return await self._run(_number(self._core, "readq", hex(addr)))
+
+    async def writeb(self, addr: int, value: int) -> None:
+        await self._run(_done(self._core, "writeb", hex(addr), hex(value)))
+
+    async def writew(self, addr: int, value: int) -> None:
+        await self._run(_done(self._core, "writew", hex(addr), hex(value)))
+
+    async def writel(self, addr: int, value: int) -> None:
+        await self._run(_done(self._core, "writel", hex(addr), hex(value)))
+
+    async def writeq(self, addr: int, value: int) -> None:
+        await self._run(_done(self._core, "writeq", hex(addr), hex(value)))
+
+    async def read(self, addr: int, size: int) -> bytes:
+        return await self._run(_read_bytes(self._core, addr, size))
+
+    async def write(self, addr: int, data: bytes) -> None:
+        await self._run(_write_bytes(self._core, addr, data))
+
+    async def inb(self, port: int) -> int:
+        return await self._run(_number(self._core, "inb", hex(port)))
+
+    async def outb(self, port: int, value: int) -> None:
+        await self._run(_done(self._core, "outb", hex(port), hex(value)))
+
+    async def irq_intercept_in(self, qom_path: str) -> None:
+        """Report the input IRQ lines of device `qom_path` (see `irq_level`)."""
+        await self._run(_done(self._core, "irq_intercept_in", qom_path))
+
+    def irq_level(self, line: int) -> bool:
+        """The last level QEMU reported for intercepted IRQ `line`."""
+        return self._core.proto.irq_levels.get(line, False)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None

@@ -16,7 +16,7 @@ from ..console import AsyncConsole
 from ..qga import AsyncGuestAgent
 from ..qmp import AsyncQMPClient, Event
 from ..qmp.events import NameFilter
-from ..qtest import Qtest
+from ..qtest import AsyncQtest
 from ..shell import AsyncShell
 from . import _plans
 from ._common import (
@@ -42,7 +42,7 @@ class AsyncMachine(Common):
         self._qmp: AsyncQMPClient | None = None
         self._console: AsyncConsole | None = None
         self._agent: AsyncGuestAgent | None = None
-        self._qtest: Qtest | None = None
+        self._qtest: AsyncQtest | None = None
         self._exited = asyncio.Event()
         self._op_lock = asyncio.Lock()
         self._io = _AsyncIO(self)
@@ -79,9 +79,8 @@ class AsyncMachine(Common):
         return configured(self._agent, "agent channel", "agent")
 
     @property
-    def qtest(self) -> Qtest:
-        """The qtest channel (needs `qtest=True`); its commands are quick, so
-        the client is the blocking one."""
+    def qtest(self) -> AsyncQtest:
+        """The qtest channel (needs `qtest=True`, usually with `accel="qtest"`)."""
         return configured(self._qtest, "qtest channel", "qtest")
 
     async def wait_for_agent(self, *, timeout: float | None = AGENT_TIMEOUT) -> AsyncGuestAgent:
@@ -207,7 +206,7 @@ class _AsyncIO:
             vm._agent = AsyncGuestAgent(socks["agent"], f"guest agent of {name}")
             life.on_cleanup.append(vm._agent.close)
         if "qtest" in socks:
-            vm._qtest = Qtest(socks["qtest"], f"qtest of {name}")
+            vm._qtest = AsyncQtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
         vm._qmp = AsyncQMPClient(socks["qmp"])
         life.on_cleanup.insert(0, vm._qmp.close)
