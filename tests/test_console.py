@@ -79,7 +79,7 @@ def test_vm_death_fails_expect_at_once(tiny: Machine) -> None:
     with pytest.raises(GuestError, match="console closed") as info:
         tiny.console.expect("never", timeout=30)
     assert time.monotonic() - t0 < 5 and not isinstance(info.value, Timeout)
-    assert tiny.wait(10) == 3
+    assert tiny.wait(timeout=10) == 3
 
 
 def test_shutdown_while_expect_waits_in_another_thread(tiny: Machine) -> None:
@@ -133,7 +133,7 @@ def test_wedged_guest_ignores_powerdown(tiny: Machine) -> None:
 
 def test_guest_chosen_exit_code(tiny: Machine) -> None:
     tiny.console.send(b"~\x15")
-    assert tiny.wait(10) == (0x15 << 1) | 1
+    assert tiny.wait(timeout=10) == (0x15 << 1) | 1
     assert tiny.exit_code == 43 and not tiny.crashed
 
 
@@ -166,7 +166,7 @@ def test_async_console(bios: str) -> None:
             vm.console.send(b"~\x02")
             with pytest.raises(GuestError, match="console closed"):
                 await waiter
-            assert await vm.wait(10) == 5
+            assert await vm.wait(timeout=10) == 5
 
     run_async(main())
 

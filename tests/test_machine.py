@@ -242,7 +242,7 @@ def test_accel_env_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMPILOT_ACCEL", "tcg")
     with none_vm() as vm:
         assert vm.accel == "tcg" and vm.accel_reason == "VMPILOT_ACCEL"
-        assert vm.argv[vm.argv.index("-accel") + 1] == "tcg"
+        assert vm.argv[vm.argv.index("-accel") + 1] == "accel=tcg"
     monkeypatch.setenv("VMPILOT_ACCEL", "bogus")
     with pytest.raises(ConfigError, match="VMPILOT_ACCEL"):
         none_vm().launch()

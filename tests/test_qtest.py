@@ -3,14 +3,22 @@ build has the qtest accelerator (Debian's has not: those tests skip)."""
 
 from __future__ import annotations
 
+import inspect
 import socket
 import threading
 
 import pytest
-from conftest import QEMU
+from conftest import QEMU, run_async
 
-from vmpilot import LaunchError
-from vmpilot.qtest import Qtest, QtestError, QtestMachine, QtestProtocol, qtest_available
+from vmpilot import LaunchError, Timeout
+from vmpilot.qtest import (
+    AsyncQtest,
+    Qtest,
+    QtestError,
+    QtestMachine,
+    QtestProtocol,
+    qtest_available,
+)
 
 HAS_QTEST = qtest_available(QEMU)
 
@@ -26,31 +34,33 @@ def test_protocol_framing_and_irq_lines() -> None:
         p.command("readb", "1\nwriteb")
 
 
+def _scripted_peer(theirs: socket.socket, memory: dict[int, int], seen: list[str]) -> None:
+    f = theirs.makefile("rb")
+    for raw in f:
+        line = raw.decode().strip()
+        seen.append(line)
+        words = line.split()
+        if words[0] == "readb":
+            theirs.sendall(b"IRQ raise 1\nOK 0x%x\n" % memory.get(int(words[1], 16), 0))
+        elif words[0] == "writeb":
+            memory[int(words[1], 16)] = int(words[2], 16)
+            theirs.sendall(b"OK\n")
+        elif words[0] == "clock_step":
+            theirs.sendall(b"OK 1000\n")
+        elif words[0] == "read":
+            theirs.sendall(b"OK 0x0102\n")
+        elif words[0] == "silence":
+            continue  # never answered: the caller's timeout must end the wait
+        else:
+            theirs.sendall(b"FAIL unknown command\n")
+    theirs.close()
+
+
 def test_client_against_a_scripted_peer() -> None:
     ours, theirs = socket.socketpair()
     memory = {0x1000: 0xAB}
     seen: list[str] = []
-
-    def peer() -> None:
-        f = theirs.makefile("rb")
-        for raw in f:
-            line = raw.decode().strip()
-            seen.append(line)
-            words = line.split()
-            if words[0] == "readb":
-                theirs.sendall(b"IRQ raise 1\nOK 0x%x\n" % memory.get(int(words[1], 16), 0))
-            elif words[0] == "writeb":
-                memory[int(words[1], 16)] = int(words[2], 16)
-                theirs.sendall(b"OK\n")
-            elif words[0] == "clock_step":
-                theirs.sendall(b"OK 1000\n")
-            elif words[0] == "read":
-                theirs.sendall(b"OK 0x0102\n")
-            else:
-                theirs.sendall(b"FAIL unknown command\n")
-        theirs.close()
-
-    t = threading.Thread(target=peer)
+    t = threading.Thread(target=_scripted_peer, args=(theirs, memory, seen))
     t.start()
     qt = Qtest(ours)
     try:
@@ -61,10 +71,49 @@ def test_client_against_a_scripted_peer() -> None:
         assert qt.read(0x10, 2) == b"\x01\x02"
         with pytest.raises(QtestError, match="FAIL unknown command"):
             qt.command("bogus")
+        with pytest.raises(Timeout, match="qtest's answer to 'silence'"):
+            qt.command("silence", timeout=0.2)
     finally:
         qt.close()
         t.join(10)
     assert seen[:2] == ["readb 0x1000", "writeb 0x2000 0x5a"]
+
+
+def test_async_client_against_a_scripted_peer() -> None:
+    ours, theirs = socket.socketpair()
+    memory = {0x1000: 0xAB}
+    seen: list[str] = []
+    t = threading.Thread(target=_scripted_peer, args=(theirs, memory, seen))
+    t.start()
+
+    async def main() -> None:
+        qt = AsyncQtest(ours)
+        try:
+            assert await qt.readb(0x1000) == 0xAB and qt.irq_level(1)
+            await qt.writeb(0x2000, 0x5A)
+            assert memory[0x2000] == 0x5A
+            assert await qt.clock_step(1000) == 1000
+            assert await qt.read(0x10, 2) == b"\x01\x02"
+            with pytest.raises(QtestError, match="FAIL unknown command"):
+                await qt.command("bogus")
+            with pytest.raises(Timeout, match="qtest's answer to 'silence'"):
+                await qt.command("silence", timeout=0.2)
+        finally:
+            qt.close()
+
+    try:
+        run_async(main())
+    finally:
+        t.join(10)
+    assert seen[:2] == ["readb 0x1000", "writeb 0x2000 0x5a"]
+
+
+def test_qtest_clients_are_twins() -> None:
+    names = {n for n in dir(Qtest) if not n.startswith("_")}
+    assert names == {n for n in dir(AsyncQtest) if not n.startswith("_")}
+    for n in names:
+        a, b = inspect.signature(getattr(Qtest, n)), inspect.signature(getattr(AsyncQtest, n))
+        assert list(a.parameters.values()) == list(b.parameters.values()), n
 
 
 @pytest.mark.skipif(HAS_QTEST, reason="this QEMU has qtest")

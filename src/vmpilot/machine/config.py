@@ -23,6 +23,7 @@ log = logging.getLogger("vmpilot.machine")
 ACCELS = ("auto", "kvm", "tcg", "qtest", "xen", "hvf", "whpx")
 _MEMORY = re.compile(r"^\d+(\.\d+)?[KMGT]?$", re.IGNORECASE)
 _KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+_MACHINE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def escape(value: object) -> str:
@@ -34,18 +35,22 @@ def escape(value: object) -> str:
 
 
 def options(head: str | None = None, **values: object) -> str:
-    """`head,key=value,...` with every value escaped; None values are left out."""
+    """`head,key=value,...` with every value escaped; None values are left out.
+    Keys are ours (Python names, `_` → `-`), never the user's."""
+    return pairs(head, {key.replace("_", "-"): value for key, value in values.items()})
+
+
+def pairs(head: str | None, values: Mapping[str, object]) -> str:
+    """`head,key=value,...` for keys that are not Python names (`file.driver`)."""
     parts = [] if head is None else [escape(head)]
     for key, value in values.items():
         if value is None:
             continue
-        if isinstance(value, bool):
-            value = "on" if value else "off"
-        parts.append(f"{key.replace('_', '-')}={escape(value)}")
+        parts.append(f"{key}={escape(_bool(value))}")
     return ",".join(parts)
 
 
-def _option_map(what: str, spec: Mapping[str, Any]) -> str:
+def option_map(what: str, spec: Mapping[str, Any]) -> str:
     items = dict(spec)
     for key in items:
         if not isinstance(key, str) or not _KEY.match(key):
@@ -63,7 +68,9 @@ def _bool(value: object) -> object:
 
 @dataclasses.dataclass(frozen=True)
 class Drive:
-    """A disk image. `file` is escaped, so any file name is safe."""
+    """A disk image. Any file name is safe: it is escaped, and it always goes
+    to QEMU's `file` protocol driver, so a name like `nbd:host:port` or
+    `json:{...}` is a local file of that name, never a protocol to parse."""
 
     file: str | os.PathLike[str]
     format: str = "raw"
@@ -73,14 +80,18 @@ class Drive:
     readonly: bool = False
 
     def arg(self) -> str:
-        return options(
+        """The `-drive` value: a format node over an explicit `file` node."""
+        return pairs(
             None,
-            file=os.fspath(self.file),
-            format=self.format,
-            **{"if": self.interface},
-            id=self.id,
-            snapshot=self.snapshot or None,
-            readonly=self.readonly or None,
+            {
+                "file.driver": "file",
+                "file.filename": os.fspath(self.file),
+                "format": self.format,
+                "if": self.interface,
+                "id": self.id,
+                "snapshot": self.snapshot or None,
+                "readonly": self.readonly or None,
+            },
         )
 
 
@@ -106,7 +117,8 @@ def detect_accel() -> tuple[str, str]:
 @dataclasses.dataclass
 class MachineConfig:
     """What to run. `to_argv()` gives the command line (without the QMP and
-    console wiring, which `Machine` adds on its own socketpairs)."""
+    console wiring, which `Machine` adds on its own socketpairs); both come
+    from `argv.build_argv`, the one place that writes QEMU options."""
 
     qemu: str = dataclasses.field(default_factory=default_qemu)
     machine: str = "q35"
@@ -153,8 +165,13 @@ class MachineConfig:
         return path
 
     def validate(self) -> None:
-        if not isinstance(self.machine, str) or not self.machine or "," in self.machine:
-            raise ConfigError(f"invalid machine type {self.machine!r}")
+        if not isinstance(self.machine, str) or not _MACHINE.fullmatch(self.machine):
+            # no machine type has these; refusing beats QEMU's "unsupported machine type"
+            raise ConfigError(
+                f"invalid machine type {self.machine!r}: one name like 'q35' or 'pc-q35-7.2'"
+            )
+        if self.name is not None and not isinstance(self.name, str):
+            raise ConfigError(f"name must be a string, not {self.name!r}")
         if self.accel not in ACCELS:
             raise ConfigError(f"accel {self.accel!r} is not one of {', '.join(ACCELS)}")
         if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or self.cpus < 1:
@@ -186,35 +203,9 @@ class MachineConfig:
                 raise ConfigError(f"extra_args must be strings, not {arg!r}")
 
     def to_argv(self, accel: str | None = None) -> list[str]:
-        """Validate and build the argv; `accel` overrides the resolved one."""
+        """Validate and build the argv (without the channel wiring, which
+        `Machine` adds); `accel` overrides the resolved one."""
+        from .argv import build_argv
+
         self.validate()
-        accel = accel or self.resolve_accel()[0]
-        mem = f"{self.memory}M" if isinstance(self.memory, int) else self.memory
-        argv = [self.qemu, "-nodefaults", "-no-user-config", "-display", "none"]
-        argv += ["-machine", escape(self.machine), "-accel", accel]
-        if accel == "kvm":
-            argv += ["-cpu", "host"]
-        argv += ["-smp", str(self.cpus), "-m", escape(mem)]
-        if self.name:
-            argv += ["-name", escape(self.name)]
-        if self.bios is not None:
-            argv += ["-bios", os.fspath(self.bios)]
-        if self.kernel is not None:
-            argv += ["-kernel", os.fspath(self.kernel)]
-        if self.initrd is not None:
-            argv += ["-initrd", os.fspath(self.initrd)]
-        if self.append is not None:
-            argv += ["-append", self.append]
-        if self.no_reboot:
-            argv.append("-no-reboot")
-        for drive in self.drives:
-            argv += ["-drive", drive.arg()]
-        for netdev in self.netdevs:
-            argv += [
-                "-netdev",
-                netdev if isinstance(netdev, str) else _option_map("netdev", netdev),
-            ]
-        for dev in self.devices:
-            argv += ["-device", dev if isinstance(dev, str) else _option_map("device", dev)]
-        argv += list(self.extra_args)
-        return argv
+        return build_argv(self, accel or self.resolve_accel()[0])

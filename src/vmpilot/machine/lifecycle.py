@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 from ..errors import AbnormalShutdown, LaunchError
 from . import process
-from .config import ConfigError, MachineConfig, options
+from .argv import Wiring, build_argv
+from .config import ConfigError, MachineConfig
 
 log = logging.getLogger("vmpilot.machine")
 
@@ -66,9 +67,27 @@ class State(enum.Enum):
     NEW = "new"
     LAUNCHING = "launching"
     RUNNING = "running"
-    SHUTTING_DOWN = "shutting_down"
+    SHUTTING_DOWN = "shutting_down"  # someone (a call, or the exit watcher) is ending it
     STOPPED = "stopped"
     FAILED = "failed"  # launch failed
+
+
+# every legal move; anything else is a bug and raises IllegalTransition
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.NEW: frozenset({State.LAUNCHING}),
+    State.LAUNCHING: frozenset({State.RUNNING, State.FAILED}),
+    State.RUNNING: frozenset({State.SHUTTING_DOWN}),
+    State.SHUTTING_DOWN: frozenset({State.STOPPED}),
+    State.STOPPED: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+# socketpair name -> the MachineConfig flag that asks for it
+_CHANNELS = {"serial": "serial", "qtest": "qtest", "agent": "agent"}
+
+
+class IllegalTransition(LaunchError, RuntimeError):
+    """A lifecycle move the state table does not allow (a Machine is launched once)."""
 
 
 class Lifecycle:
@@ -76,7 +95,7 @@ class Lifecycle:
 
     def __init__(self, config: MachineConfig) -> None:
         self.config = config
-        self.state = State.NEW
+        self._state = State.NEW
         self.argv: list[str] = []
         self.accel = ""
         self.accel_reason = ""
@@ -98,26 +117,48 @@ class Lifecycle:
         self._cleaned = False
         self.on_cleanup: list[Callable[[], None]] = []
 
+    # -- the state machine (no waiting here) ------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def move(self, to: State) -> None:
+        """Go to `to`, or raise `IllegalTransition` if the table forbids it."""
+        with self._lock:
+            if to not in TRANSITIONS[self._state]:
+                if to is State.LAUNCHING:
+                    raise IllegalTransition(
+                        f"a Machine is launched once; this one is {self._state.value}"
+                    )
+                raise IllegalTransition(f"no move from {self._state.value} to {to.value}")
+            self._state = to
+
+    def claim(self, frm: State, to: State) -> bool:
+        """Move `frm` → `to` only if the state is `frm` now (atomically); so
+        of a caller and the exit watcher racing to end the VM, one wins."""
+        with self._lock:
+            if self._state is not frm:
+                return False
+            self.move(to)
+            return True
+
     # -- launching --------------------------------------------------------
 
     def start(self) -> dict[str, socket.socket]:
         """Validate, make the temp dir, spawn QEMU; returns our ends of the
-        socketpairs: "qmp", and "serial" / "agent" when configured. On failure
-        everything made so far is undone."""
-        with self._lock:
-            if self.state is not State.NEW:
-                raise LaunchError(f"a Machine is launched once; this one is {self.state.value}")
-            self.state = State.LAUNCHING
+        socketpairs: "qmp", and "serial" / "qtest" / "agent" when configured.
+        On failure everything made so far is undone."""
+        self.move(State.LAUNCHING)
         cfg = self.config
         try:
             qemu = cfg.resolve_qemu()
             self.accel, self.accel_reason = cfg.resolve_accel()
-            argv = cfg.to_argv(self.accel)
-            argv[0] = qemu
+            cfg.validate()
             if cfg.log_dir is not None and not os.path.isdir(cfg.log_dir):
                 raise ConfigError(f"log_dir {cfg.log_dir!r} is not a directory")
         except LaunchError:
-            self.state = State.FAILED
+            self.move(State.FAILED)
             raise
         log.info("accel %s: %s", self.accel, self.accel_reason)
         sweep_stale_dirs()
@@ -130,39 +171,26 @@ class Lifecycle:
         pairs: dict[str, tuple[socket.socket, socket.socket]] = {}
         log_fd = -1
         try:
-            pairs["qmp"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            fds = [pairs["qmp"][1].fileno(), *(fd for fd, _, _ in self.preset_fds)]
-            for fd, fdset, opaque in self.preset_fds:
-                argv += ["-add-fd", options(None, fd=fd, set=fdset, opaque=opaque)]
-            argv += ["-chardev", options("socket", id="vmpilot-qmp", fd=fds[0])]
-            argv += ["-mon", "chardev=vmpilot-qmp,mode=control"]
+            wanted = ["qmp"] + [name for name in _CHANNELS if getattr(cfg, _CHANNELS[name])]
+            for name in wanted:
+                pairs[name] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             if cfg.expose_qmp:
                 self.qmp_path = os.path.join(self.temp_dir, "qmp.sock")
-                argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
             if cfg.serial:
-                pairs["serial"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                fds.append(pairs["serial"][1].fileno())
-                argv += ["-chardev", options("socket", id="vmpilot-serial", fd=fds[-1])]
-                argv += ["-serial", "chardev:vmpilot-serial"]
                 self.console_path = os.path.join(logs or self.temp_dir, "console.log")
-            if cfg.qtest:
-                pairs["qtest"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                fds.append(pairs["qtest"][1].fileno())
-                # the id must be "qtest": `-qtest chardev:ID` looks the chardev up by that
-                # name whatever ID says (QEMU 7.2 aborts otherwise)
-                argv += ["-chardev", options("socket", id="qtest", fd=fds[-1])]
-                argv += ["-qtest", "chardev:qtest"]
-            if cfg.agent:
-                pairs["agent"] = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                fds.append(pairs["agent"][1].fileno())
-                argv += ["-chardev", options("socket", id="vmpilot-qga", fd=fds[-1])]
-                argv += ["-device", "virtio-serial-pci,id=vmpilot-vser"]
-                argv += ["-device", "virtserialport,chardev=vmpilot-qga,"
-                                    "name=org.qemu.guest_agent.0"]  # fmt: skip
-            self.argv = argv
+            theirs = {name: pair[1].fileno() for name, pair in pairs.items()}
+            wiring = Wiring(
+                qmp_fd=theirs["qmp"],
+                qmp_path=self.qmp_path,
+                serial_fd=theirs.get("serial"),
+                qtest_fd=theirs.get("qtest"),
+                agent_fd=theirs.get("agent"),
+                preset_fds=tuple(self.preset_fds),
+            )
+            argv = self.argv = build_argv(cfg, self.accel, wiring, qemu)
             log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                self.proc = process.spawn(argv, fds, log_fd)
+                self.proc = process.spawn(argv, wiring.fds, log_fd)
             except OSError as exc:
                 raise LaunchError(f"cannot start QEMU: {exc}", argv=argv) from exc
             self.pidfd = os.pidfd_open(self.proc.pid)
@@ -170,12 +198,12 @@ class Lifecycle:
         except BaseException:
             for ours, _ in pairs.values():
                 ours.close()
-            self.state = State.FAILED
+            self.move(State.FAILED)
             self.cleanup()
             raise
         finally:
-            for _, theirs in pairs.values():
-                theirs.close()
+            for _, far in pairs.values():
+                far.close()
             if log_fd >= 0:
                 os.close(log_fd)
         return {name: ours for name, (ours, _) in pairs.items()}
@@ -184,7 +212,7 @@ class Lifecycle:
         """Kill what is left, clean up, and describe the failure."""
         self.kill_process()
         self.reap(timeout=10)
-        self.state = State.FAILED
+        self.claim(State.LAUNCHING, State.FAILED)
         self.cleanup()
         rc = self.returncode
         return LaunchError(
@@ -253,8 +281,11 @@ class Lifecycle:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
-        if self.state is not State.FAILED:
-            self.state = State.STOPPED
+        with self._lock:
+            if self._state is State.RUNNING:
+                self.move(State.SHUTTING_DOWN)
+            if self._state is State.SHUTTING_DOWN:
+                self.move(State.STOPPED)
 
     @staticmethod
     def _read_log(path: str | None) -> str:

@@ -1,0 +1,107 @@
+"""The QEMU command line, built in one place by one pure function.
+
+Every value that comes from the user or the environment (a VM name, a drive
+file, a temp dir path) goes into a `key=value` option through `escape`, and
+every option names its key, never relying on QEMU's "implied" first key
+(`-name process=evil` would set QEMU's process name, `-name guest=...` cannot).
+Nothing else in vmpilot appends QEMU options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+from .config import MachineConfig, escape, option_map, options
+
+QMP_ID = "vmpilot-qmp"
+QMP_UNIX_ID = "vmpilot-qmp-unix"
+SERIAL_ID = "vmpilot-serial"
+AGENT_ID = "vmpilot-qga"
+# `-qtest chardev:ID` looks the chardev up by the name "qtest" whatever ID says
+# (QEMU 7.2 aborts otherwise)
+QTEST_ID = "qtest"
+
+
+@dataclasses.dataclass(frozen=True)
+class Wiring:
+    """Where QEMU's channels go: fds it inherits (our socketpairs' far ends)
+    and the unix socket it serves for other tools."""
+
+    qmp_fd: int | None = None
+    qmp_path: str | None = None  # expose_qmp: QMP also on this unix socket
+    serial_fd: int | None = None
+    qtest_fd: int | None = None
+    agent_fd: int | None = None
+    preset_fds: Sequence[tuple[int, int, str | None]] = ()  # (fd, fd set, opaque): -add-fd
+
+    @property
+    def fds(self) -> list[int]:
+        """Every fd QEMU must inherit."""
+        chans = (self.qmp_fd, self.serial_fd, self.qtest_fd, self.agent_fd)
+        return [fd for fd in chans if fd is not None] + [fd for fd, _, _ in self.preset_fds]
+
+
+def build_argv(
+    config: MachineConfig, accel: str, wiring: Wiring = Wiring(), qemu: str | None = None
+) -> list[str]:
+    """QEMU's argv for `config` (validated by the caller) under `accel`, with
+    the channels of `wiring`; `qemu` overrides `config.qemu` (a resolved path)."""
+    cfg = config
+    mem = f"{cfg.memory}M" if isinstance(cfg.memory, int) else cfg.memory
+    argv = [qemu or cfg.qemu, "-nodefaults", "-no-user-config", "-display", "none"]
+    argv += ["-machine", options(None, type=cfg.machine), "-accel", options(None, accel=accel)]
+    if accel == "kvm":
+        argv += ["-cpu", "host"]
+    argv += ["-smp", options(None, cpus=cfg.cpus), "-m", options(None, size=mem)]
+    if cfg.name:
+        argv += ["-name", options(None, guest=cfg.name)]
+    # plain file names (QEMU opens them as they are; no option parsing)
+    if cfg.bios is not None:
+        argv += ["-bios", os.fspath(cfg.bios)]
+    if cfg.kernel is not None:
+        argv += ["-kernel", os.fspath(cfg.kernel)]
+    if cfg.initrd is not None:
+        argv += ["-initrd", os.fspath(cfg.initrd)]
+    if cfg.append is not None:
+        argv += ["-append", cfg.append]
+    if cfg.no_reboot:
+        argv.append("-no-reboot")
+    for drive in cfg.drives:
+        argv += ["-drive", drive.arg()]
+    for netdev in cfg.netdevs:
+        argv += ["-netdev", netdev if isinstance(netdev, str) else option_map("netdev", netdev)]
+    for dev in cfg.devices:
+        argv += ["-device", dev if isinstance(dev, str) else option_map("device", dev)]
+    argv += list(cfg.extra_args)
+    return argv + _channels(wiring)
+
+
+def _channels(w: Wiring) -> list[str]:
+    argv: list[str] = []
+    for fd, fdset, opaque in w.preset_fds:
+        argv += ["-add-fd", options(None, fd=fd, set=fdset, opaque=opaque)]
+    if w.qmp_fd is not None:
+        argv += ["-chardev", options("socket", id=QMP_ID, fd=w.qmp_fd)]
+        argv += ["-mon", options(None, chardev=QMP_ID, mode="control")]
+    if w.qmp_path is not None:
+        # `-qmp unix:PATH,...` cannot carry a `,` in PATH; a chardev's path= can
+        argv += ["-chardev", options("socket", id=QMP_UNIX_ID, path=w.qmp_path,
+                                     server=True, wait=False)]  # fmt: skip
+        argv += ["-mon", options(None, chardev=QMP_UNIX_ID, mode="control")]
+    if w.serial_fd is not None:
+        argv += ["-chardev", options("socket", id=SERIAL_ID, fd=w.serial_fd)]
+        argv += ["-serial", f"chardev:{SERIAL_ID}"]
+    if w.qtest_fd is not None:
+        argv += ["-chardev", options("socket", id=QTEST_ID, fd=w.qtest_fd)]
+        argv += ["-qtest", f"chardev:{QTEST_ID}"]
+    if w.agent_fd is not None:
+        argv += ["-chardev", options("socket", id=AGENT_ID, fd=w.agent_fd)]
+        argv += ["-device", options("virtio-serial-pci", id="vmpilot-vser")]
+        argv += ["-device", options("virtserialport", chardev=AGENT_ID,
+                                    name="org.qemu.guest_agent.0")]  # fmt: skip
+    return argv
+
+
+__all__ = ["Wiring", "build_argv", "escape"]
