@@ -199,9 +199,7 @@ def test_killed_right_after_popen_returns_leaves_no_qemu(flavour: str, tmp_path:
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_killed_at_random_moments_into_launch_leaves_no_qemu(
-    flavour: str, tmp_path: Path
-) -> None:
+def test_killed_at_random_moments_into_launch_leaves_no_qemu(flavour: str, tmp_path: Path) -> None:
     runs = 16
     rng = random.Random(f"{flavour}-{os.getpid()}")
     orphans = []
