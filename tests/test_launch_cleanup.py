@@ -21,8 +21,6 @@ from conftest import QEMU
 
 from vmpilot import AbnormalShutdown, AsyncMachine, Machine
 from vmpilot.compat.machine import QEMUMachine
-from vmpilot.machine.process import QemuProcess
-from vmpilot.machine.tempdirs import sweep_stale_dirs
 
 NONE = ["-machine", "none", "-nodefaults"]
 
@@ -66,6 +64,8 @@ def test_a_killed_compat_controllers_temp_dir_is_swept(tmp_path: Path) -> None:
 
 
 def test_the_one_sweeper_leaves_live_controllers_dirs(tmp_path: Path) -> None:
+    from vmpilot.machine.tempdirs import sweep_stale_dirs
+
     with QEMUMachine(QEMU, NONE, base_temp_dir=str(tmp_path)) as vm:
         vm.launch()
         live = tmp_path / f"vmpilot-{os.getppid()}-qemu-machine-x"  # our parent is alive
@@ -101,6 +101,8 @@ def test_a_crash_message_points_only_at_files_that_exist(
 def test_compat_uses_the_same_process_owner_and_reports_a_crash_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from vmpilot.machine.process import QemuProcess
+
     caplog.set_level(logging.WARNING)
     vm = QEMUMachine(QEMU, NONE, base_temp_dir=str(tmp_path))
     vm.launch()
