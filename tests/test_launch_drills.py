@@ -193,14 +193,14 @@ def drill(flavour: str, mode: str, tmp: Path, delay: float = 0.0) -> tuple[list[
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_killed_right_after_popen_returns_leaves_no_qemu(flavour: str, tmp_path: Path) -> None:
-    runs = 10
+    runs = 12
     orphans = [drill(flavour, "popen", tmp_path / str(i))[0] for i in range(runs)]
     assert not any(orphans), f"{sum(map(bool, orphans))}/{runs} drills left QEMU: {orphans}"
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_killed_at_random_moments_into_launch_leaves_no_qemu(flavour: str, tmp_path: Path) -> None:
-    runs = 16
+    runs = 24
     rng = random.Random(f"{flavour}-{os.getpid()}")
     orphans = []
     for i in range(runs):
