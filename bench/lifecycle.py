@@ -3,7 +3,8 @@
     python bench/lifecycle.py [-n 20] [--fleet 32]
 
 (a) raw subprocess.Popen + socketpair + greeting/negotiation by hand (the floor),
-(b) Machine, (c) AsyncMachine, all `-machine none`, interleaved; then a fleet
+(b) Machine, (c) AsyncMachine, (d) the compat shim's QEMUMachine, all
+`-machine none`, interleaved; then a fleet
 of AsyncMachines launched and shut down concurrently vs. one after another.
 """
 
@@ -16,9 +17,11 @@ import shutil
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 
 from vmpilot import AsyncMachine, Machine
+from vmpilot.compat.machine import QEMUMachine
 
 QEMU = os.environ.get("VMPILOT_QEMU") or shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 BASE = [
@@ -79,6 +82,15 @@ def async_machine() -> tuple[float, float]:
     return asyncio.run(main())
 
 
+def compat_machine() -> tuple[float, float]:
+    t0 = time.perf_counter()
+    vm = QEMUMachine(QEMU, BASE[1:], base_temp_dir=tempfile.gettempdir())
+    vm.launch()
+    t1 = time.perf_counter()
+    vm.shutdown()
+    return t1 - t0, time.perf_counter() - t1
+
+
 async def fleet(n: int, concurrent: bool) -> float:
     vms = [AsyncMachine(machine="none", accel="tcg", memory=32, qemu=QEMU) for _ in range(n)]
     t0 = time.perf_counter()
@@ -101,6 +113,7 @@ def main() -> None:
         ("raw Popen + socketpair (floor)", raw),
         ("Machine", sync_machine),
         ("AsyncMachine", async_machine),
+        ("compat QEMUMachine", compat_machine),
     ]
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in rows}
     for _name, fn in rows:  # warm-up

@@ -20,14 +20,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from .. import errors
 from .._util.deadline import Deadline
-from ..machine import process
+from ..machine.config import options
+from ..machine.process import QemuProcess
+from ..machine.tempdirs import make_temp_dir
 from .legacy import (
     ExecuteError,
     QEMUMonitorProtocol,
@@ -192,7 +193,7 @@ class QEMUMachine:
         self._console_address = f"{self._name}.con"  # kept for code that reads it
         self._user_fds: list[int] = []  # add_fd(): passed on every launch
         self._launch_fds: list[int] = []  # our socketpair ends, per launch
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._process: QemuProcess | None = None  # vmpilot's owner of the QEMU process
         self._qemu_log_path: str | None = None
         self._qemu_log_file: int | None = None
         self._qemu_full_args: tuple[str, ...] = ()
@@ -234,7 +235,7 @@ class QEMUMachine:
 
     def add_fd(self: _T, fd: int, fdset: int, opaque: str, opts: str = "") -> _T:
         """Pass `fd` to QEMU in fd set `fdset` (`-add-fd`)."""
-        opt = f"fd={fd},set={fdset},opaque={opaque}" + (f",{opts}" if opts else "")
+        opt = options(None, fd=fd, set=fdset, opaque=opaque) + (f",{opts}" if opts else "")
         self._user_fds.append(fd)
         self._args += ["-add-fd", opt]
         return self
@@ -244,7 +245,8 @@ class QEMUMachine:
     @property
     def temp_dir(self) -> str:
         if self._temp_dir is None:
-            self._temp_dir = tempfile.mkdtemp(prefix="qemu-machine-", dir=self._base_temp_dir)
+            # vmpilot's naming: swept like Machine's if this controller dies uncleanly
+            self._temp_dir = make_temp_dir("qemu-machine", self._base_temp_dir)
         return self._temp_dir
 
     @property
@@ -262,22 +264,22 @@ class QEMUMachine:
         args = ["-display", "none", "-vga", "none"]
         if self._qmp_set:
             if self._sock_pair is not None:
-                chardev = f"socket,id=mon,fd={self._sock_pair[1].fileno()}"
+                chardev = options("socket", id="mon", fd=self._sock_pair[1].fileno())
             elif isinstance(self._monitor_address, tuple):
                 host, port = self._monitor_address
-                chardev = f"socket,id=mon,host={host},port={port}"
+                chardev = options("socket", id="mon", host=host, port=port)
             else:
-                chardev = f"socket,id=mon,path={self._monitor_address}"
+                chardev = options("socket", id="mon", path=self._monitor_address)
             args += ["-chardev", chardev, "-mon", "chardev=mon,mode=control"]
         if self._machine is not None:
             args += ["-machine", self._machine]
         args += ["-serial", "null"] * self._console_index
         if self._console_set and self._console_pair is not None:
-            args += ["-chardev", f"socket,id=console,fd={self._console_pair[1].fileno()}"]
+            args += ["-chardev", options("socket", id="console", fd=self._console_pair[1].fileno())]
             if self._console_device_type is None:
                 args += ["-serial", "chardev:console"]
             else:
-                args += ["-device", f"{self._console_device_type},chardev=console"]
+                args += ["-device", options(self._console_device_type, chardev="console")]
         return args
 
     def _pre_launch(self) -> None:
@@ -309,7 +311,10 @@ class QEMUMachine:
         fds = self._user_fds + self._launch_fds
         for fd in fds:
             os.set_inheritable(fd, True)
-        self._popen = process.spawn(self._qemu_full_args, fds, self._qemu_log_file, inherit=True)
+        self._process = QemuProcess(
+            self._qemu_full_args, fds, self._qemu_log_file, inherit=True,
+            crash_note=lambda: f'; command: "{" ".join(self._qemu_full_args)}"',
+        )  # fmt: skip
         self._launched = True
         self._post_launch()
 
@@ -344,29 +349,31 @@ class QEMUMachine:
             raise
 
     def _reap_after_failed_launch(self) -> None:
-        proc = self._popen
-        if proc is not None:
-            try:
-                proc.wait(timeout=self._qmp_timer or 30)
-            except subprocess.TimeoutExpired:
-                self._user_killed = True
-                self._kill_group()
-                proc.wait(timeout=30)
+        # QEMU most often exits by itself on a bad option; else it is killed
+        if self._process is not None and not self._process.reap(self._qmp_timer or 30):
+            self._user_killed = True
+            self._process.kill()
+            self._process.reap(30)
         self._post_shutdown()
 
     # -- state ------------------------------------------------------------
 
     def is_running(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def _popen(self) -> subprocess.Popen[bytes] | None:
+        """The Popen of QEMU (in-tree's attribute; owned by vmpilot's QemuProcess)."""
+        return self._process.proc if self._process is not None else None
 
     @property
     def _subp(self) -> subprocess.Popen[bytes]:
-        if self._popen is None:
+        if self._process is None:
             raise QEMUMachineError("Subprocess pipe not present")
-        return self._popen
+        return self._process.proc
 
     def exitcode(self) -> int | None:
-        return None if self._popen is None else self._popen.poll()
+        return None if self._process is None else self._process.poll()
 
     def get_pid(self) -> int | None:
         return self._subp.pid if self.is_running() else None
@@ -511,9 +518,8 @@ class QEMUMachine:
     # -- ending -----------------------------------------------------------
 
     def _kill_group(self) -> None:
-        if self._popen is not None and self._popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._popen.pid, signal.SIGKILL)
+        if self._process is not None:
+            self._process.kill()
 
     def _early_cleanup(self) -> None:
         """Before waiting for QEMU: an undrained console is closed, so QEMU
@@ -534,7 +540,8 @@ class QEMUMachine:
     def _hard_shutdown(self) -> None:
         self._early_cleanup()
         self._kill_group()
-        self._subp.wait(timeout=60)
+        if self._process is not None:
+            self._process.wait(60)
 
     def _close_qmp_connection(self) -> None:
         if self._qmp_connection is None:
@@ -554,9 +561,10 @@ class QEMUMachine:
                     self.qmp("quit")
             finally:
                 self._close_qmp_connection()
-        elif not self._quit_issued:
-            self._subp.terminate()
-        self._subp.wait(timeout=timeout)
+        elif not self._quit_issued and self._process is not None:
+            self._process.kill(signal.SIGTERM)
+        if self._process is not None:
+            self._process.wait(timeout)
 
     def _do_shutdown(self, timeout: float | None) -> None:
         try:
@@ -593,6 +601,10 @@ class QEMUMachine:
 
     def _post_shutdown(self) -> None:
         """Clean up after QEMU exited (or a launch failed): runs on every path."""
+        if self._process is not None:
+            # kills a QEMU still there (nothing outlives the post-shutdown step), closes the pidfd;
+            # a crash (a signal vmpilot did not send) was logged when it was recorded
+            self._process.close()
         try:
             self._close_qmp_connection()
         except Exception as exc:
@@ -613,11 +625,6 @@ class QEMUMachine:
         while self._remove_files:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._remove_files.pop())
-        code = self.exitcode()
-        if code is not None and code < 0 and not (self._user_killed and code == -signal.SIGKILL):
-            LOG.warning(
-                'qemu received signal %i; command: "%s"', -code, " ".join(self._qemu_full_args)
-            )
         self._quit_issued = False
         self._user_killed = False
         self._launched = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 
+from ..machine.config import options
 from ..qtest import Qtest
 from .legacy import SocketAddrT
 from .machine import QEMUMachine, QEMUMachineError
@@ -90,7 +91,7 @@ class QEMUQtestMachine(QEMUMachine):
         args = super()._base_args
         if self._qtest_pair is not None:
             fd = self._qtest_pair[1].fileno()
-            args += ["-chardev", f"socket,id=qtest,fd={fd}", "-qtest", "chardev:qtest"]
+            args += ["-chardev", options("socket", id="qtest", fd=fd), "-qtest", "chardev:qtest"]
         return [*args, "-accel", "qtest"]
 
     def _pre_launch(self) -> None:

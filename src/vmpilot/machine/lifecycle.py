@@ -1,11 +1,11 @@
-"""The lifecycle both Machine flavours share: states, the private temp dir,
-spawning, recording how QEMU ended, and the post-shutdown step that runs
-exactly once whatever happened. The sync and asyncio classes only add how
-they wait."""
+"""The lifecycle both Machine flavours share: the state table, the private
+temp dir, wiring the channels into the command line (`argv.build_argv`),
+handing QEMU to its one owner (`process.QemuProcess`), and the post-shutdown
+step that runs exactly once whatever happened. Nothing here waits: the
+operations that wait are plans (`_plans.py`) run by the two faces."""
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
@@ -22,45 +22,14 @@ from ..errors import AbnormalShutdown, LaunchError
 from . import process
 from .argv import Wiring, build_argv
 from .config import ConfigError, MachineConfig
+from .tempdirs import make_temp_dir
+from .tempdirs import sweep_stale_dirs as sweep_stale_dirs  # its old home
 
 log = logging.getLogger("vmpilot.machine")
 
 LOG_KEEP = 1024 * 1024  # bytes of QEMU's output kept after the temp dir is gone
 TAIL = 4000
-
-
-_STALE = re.compile(r"^vmpilot-(\d+)-")
-_swept = False
-
-
-def sweep_stale_dirs(force: bool = False) -> list[str]:
-    """Remove the temp dirs of controllers that died without cleaning up
-    (SIGKILL leaves no chance to); done once per process. Returns them."""
-    global _swept
-    if _swept and not force:
-        return []
-    _swept = True
-    removed: list[str] = []
-    base = tempfile.gettempdir()
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return removed
-    for name in names:
-        m = _STALE.match(name)
-        if not m or int(m[1]) == os.getpid():
-            continue
-        path = os.path.join(base, name)
-        try:
-            if os.stat(path).st_uid != os.getuid():
-                continue
-            os.kill(int(m[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        except OSError:
-            continue
-    return removed
+CRASH_NOTE_TAIL = 1000
 
 
 class State(enum.Enum):
@@ -105,12 +74,8 @@ class Lifecycle:
         self.qmp_path: str | None = None
         self.preset_fds: list[tuple[int, int, str | None]] = []  # -add-fd before launch
         self.kept_log_dir: str | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.pidfd = -1
-        self.returncode: int | None = None
-        self.crashed = False
+        self.process: process.QemuProcess | None = None  # the owner of QEMU the process
         self.crash_reported = False
-        self._signals_sent: set[int] = set()
         self._log_text: str | None = None
         self._console_text: str | None = None
         self._lock = threading.RLock()
@@ -161,10 +126,8 @@ class Lifecycle:
             self.move(State.FAILED)
             raise
         log.info("accel %s: %s", self.accel, self.accel_reason)
-        sweep_stale_dirs()
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name or "")[:40]
-        prefix = f"vmpilot-{os.getpid()}-" + (f"{safe}-" if safe else "")
-        self.temp_dir = tempfile.mkdtemp(prefix=prefix)  # 0700
+        self.temp_dir = make_temp_dir(safe)  # 0700, swept if we die without cleaning up
         logs = tempfile.mkdtemp(prefix=f"{safe or 'vm'}-", dir=cfg.log_dir) if cfg.log_dir else None
         self.kept_log_dir = logs
         self.log_path = os.path.join(logs or self.temp_dir, "qemu.log")
@@ -190,11 +153,12 @@ class Lifecycle:
             argv = self.argv = build_argv(cfg, self.accel, wiring, qemu)
             log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                self.proc = process.spawn(argv, wiring.fds, log_fd)
+                self.process = process.QemuProcess(
+                    argv, wiring.fds, log_fd, crash_note=self._crash_note
+                )
             except OSError as exc:
                 raise LaunchError(f"cannot start QEMU: {exc}", argv=argv) from exc
-            self.pidfd = os.pidfd_open(self.proc.pid)
-            log.debug("launched pid %d: %s", self.proc.pid, " ".join(argv))
+            log.debug("launched pid %d: %s", self.process.pid, " ".join(argv))
         except BaseException:
             for ours, _ in pairs.values():
                 ours.close()
@@ -225,39 +189,45 @@ class Lifecycle:
 
     # -- ending -----------------------------------------------------------
 
+    # -- the process (owned by process.QemuProcess; these delegate) --------
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.process.proc if self.process is not None else None
+
+    @property
+    def pidfd(self) -> int:
+        return self.process.pidfd if self.process is not None else -1
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
+    @property
+    def crashed(self) -> bool:
+        """QEMU died by a signal vmpilot did not send."""
+        return self.process is not None and self.process.crashed
+
     def kill_process(self, sig: int = signal.SIGKILL) -> None:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        self._signals_sent.add(sig)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)  # QEMU leads its own process group
+        if self.process is not None:
+            self.process.kill(sig)
 
     def reap(self, timeout: float | None) -> bool:
         """Wait (bounded) for QEMU to exit and record how; True if it has."""
-        proc = self.proc
-        if proc is None:
-            return True
-        try:
-            rc = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return False
-        self.record_exit(rc)
-        return True
+        return self.process is None or self.process.reap(timeout)
 
     def record_exit(self, rc: int) -> None:
-        with self._lock:
-            if self.returncode is not None:
-                return
-            self.returncode = rc
-            if rc < 0 and -rc not in self._signals_sent:
-                self.crashed = True
-                log.warning(
-                    "QEMU pid %d %s (a signal vmpilot did not send)%s",
-                    self.proc.pid if self.proc else -1,
-                    process.describe_status(rc),
-                    f"; log: {self.log_path}" if self.log_path else "",
-                )
+        if self.process is not None:
+            self.process.record_exit(rc)
+
+    def _crash_note(self) -> str:
+        """For the crash warning: what QEMU said last, and the log's path only
+        where it is kept (the temp dir, and the log in it, go at cleanup)."""
+        tail = self.log.rstrip()[-CRASH_NOTE_TAIL:]
+        note = f"; QEMU's log (tail):\n{tail}" if tail else ""
+        if self.kept_log_dir is not None and self.log_path is not None:
+            note += f"\nlog: {self.log_path}"
+        return note
 
     def cleanup(self) -> None:
         """The post-shutdown step: runs once, whatever path got us here."""
@@ -270,12 +240,8 @@ class Lifecycle:
                 fn()
             except Exception:
                 log.exception("cleanup step %r failed", fn)
-        if self.proc is not None and self.returncode is None:
-            self.kill_process()
-            self.reap(timeout=10)
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        if self.process is not None:
+            self.process.close()  # kills and reaps a QEMU still there
         self._log_text = self._read_log(self.log_path)
         self._console_text = self._read_log(self.console_path)
         if self.temp_dir is not None:
@@ -347,10 +313,8 @@ class Lifecycle:
 
     @property
     def exit_code(self) -> int | None:
-        rc = self.returncode
-        return rc if rc is not None and rc >= 0 else None
+        return self.process.exit_code if self.process is not None else None
 
     @property
     def exit_signal(self) -> int | None:
-        rc = self.returncode
-        return -rc if rc is not None and rc < 0 else None
+        return self.process.exit_signal if self.process is not None else None
