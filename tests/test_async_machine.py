@@ -97,3 +97,18 @@ def test_async_launch_error() -> None:
         assert vm.state == "failed" and vm.temp_dir is None
 
     run_async(main())
+
+
+def test_abandon_after_the_loop_is_gone_kills_and_cleans_up() -> None:
+    """Teardown code without the VM's loop (the pytest plugin's leak path)."""
+
+    async def main() -> AsyncMachine:
+        return await none_vm().launch()
+
+    vm = run_async(main())  # its loop is closed now: `await vm.kill()` is impossible
+    pid, tmp = vm.pid, vm.temp_dir
+    assert pid is not None and tmp and os.path.isdir(tmp)
+    vm.abandon()
+    assert vm.state == "stopped" and vm.exit_signal == signal.SIGKILL
+    assert not os.path.exists(tmp) and not os.path.exists(f"/proc/{pid}")
+    vm.abandon()  # once stopped, a no-op

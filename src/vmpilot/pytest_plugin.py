@@ -25,9 +25,8 @@ import pytest
 
 from . import guest
 from .machine import AsyncMachine, Machine, MachineConfig
-from .machine.machine import _Common
 
-_VMS = pytest.StashKey[list[_Common]]()
+_VMS = pytest.StashKey[list[Machine | AsyncMachine]]()
 TAIL = 3000
 
 
@@ -62,7 +61,7 @@ def _defaults(
     return out
 
 
-def _track(request: pytest.FixtureRequest, vm: _Common) -> None:
+def _track(request: pytest.FixtureRequest, vm: Machine | AsyncMachine) -> None:
     request.node.stash.setdefault(_VMS, []).append(vm)
 
 
@@ -152,15 +151,7 @@ def async_vm_factory(
 ) -> Iterator[AsyncVMFactory]:
     factory = AsyncVMFactory(request, _defaults(request, tmp_path_factory))
     yield factory
-    _fail_on_leaks("AsyncMachine(s)", factory.machines, _force_kill)
-
-
-def _force_kill(vm: AsyncMachine) -> None:
-    """Kill an AsyncMachine after its loop is gone (sync, best effort)."""
-    life = vm._life
-    life.kill_process()
-    life.reap(timeout=10)
-    life.cleanup()
+    _fail_on_leaks("AsyncMachine(s)", factory.machines, AsyncMachine.abandon)
 
 
 @pytest.fixture(scope="session")

@@ -115,6 +115,13 @@ class Common:
         """Where qemu.log and console.log are kept (with `log_dir=` in the config)."""
         return self._life.kept_log_dir
 
+    def abandon(self) -> None:
+        """Kill QEMU and run the post-shutdown step now, blocking, from any
+        thread and without the face's event loop: for teardown code that can
+        no longer call `kill()` (an AsyncMachine whose loop is gone). Raises
+        nothing; a no-op once the VM is stopped."""
+        self._life.cleanup()
+
     def _preset_fd(self, fd: int, fdset_id: int, opaque: str | None) -> None:
         """Before launch: QEMU gets `fd` through `-add-fd` (fd set `fdset_id`)."""
         check_fd(fd)
