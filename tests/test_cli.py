@@ -41,4 +41,4 @@ def test_help_and_version() -> None:
     assert "demo" in vmpilot("demo", "--help").stdout
     assert vmpilot("--version").stdout.startswith("vmpilot ")
     bare = vmpilot()  # exit status 2 *and* argparse's usage: not any early failure
-    assert bare.returncode == 2 and bare.stderr.startswith("usage: vmpilot"), bare.stderr
+    assert bare.returncode == 2 and bare.stdout.startswith("usage: vmpilot"), bare.stderr
