@@ -165,3 +165,15 @@ def test_elf_dependencies_agree_with_ldd_on_a_trusted_host_program() -> None:
 def test_malformed_elf_is_a_guest_error() -> None:
     with pytest.raises(GuestError, match="ELF"):
         elf.dependencies(b"\x7fELF\x02\x01" + b"\xff" * 10)
+
+
+def test_clean_removes_a_planted_symlink_not_what_it_points_to(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("keep me")
+    root = tmp_path / "vmpilot"
+    root.mkdir()
+    (root / "guest").symlink_to(elsewhere)
+    assert guest.clean(str(root)) == [str(root / "guest")]
+    assert (elsewhere / "precious").read_text() == "keep me"
+    assert not (root / "guest").exists()

@@ -314,7 +314,7 @@ def clean(cache: str | None = None) -> list[str]:
     removed = []
     for sub in ("guest", "debs"):
         path = os.path.join(root, sub)
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        if os.path.lexists(path):
+            _discard(path)  # a symlink goes, never what it points to
             removed.append(path)
     return removed
