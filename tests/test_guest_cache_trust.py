@@ -113,6 +113,23 @@ def test_a_planted_package_is_never_run_and_is_replaced(
     assert Path(image.path).parent.stat().st_mode & 0o777 == 0o700
 
 
+@pytest.mark.parametrize("planted", ["a file", "a symlink to a copy"])
+def test_a_cached_build_that_is_not_a_directory_of_ours_is_rebuilt(
+    cache: Path, linux_guest: GuestImage, planted: str
+) -> None:
+    where = cache / "guest" / os.path.basename(linux_guest.path)
+    where.parent.mkdir(mode=0o700)
+    if planted == "a file":
+        where.write_text("not a build")
+    else:  # a copy with a self-consistent manifest, reached through a link
+        shutil.copytree(linux_guest.path, cache.parent / "elsewhere")
+        where.symlink_to(cache.parent / "elsewhere")
+    said: list[str] = []
+    image = guest.build(str(cache), progress=said.append)
+    assert Path(image.path) == where and where.is_dir() and not where.is_symlink()
+    assert any("not using the cached guest" in m for m in said), said
+
+
 def test_without_apt_a_planted_build_is_not_picked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

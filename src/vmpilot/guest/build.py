@@ -207,7 +207,7 @@ def build(
             try:
                 private.directory(final)
                 return load(final)
-            except GuestError as exc:
+            except (GuestError, OSError) as exc:  # OSError: not a directory at all
                 say(f"not using the cached guest ({exc}): rebuilding it")
                 _discard(final)
         say(f"building the guest from {', '.join(packages)}")
