@@ -49,6 +49,23 @@ def test_leaks_a_qemu():
         f.write(str(proc.pid))
 """
 
+LEAKS_AN_ORPHAN = """
+import os, subprocess, sys
+from conftest import QEMU_NONE
+
+# a short-lived parent starts QEMU (Popen returns once it is exec'ing) and exits
+PARENT = (
+    "import subprocess, sys; d = subprocess.DEVNULL; "
+    "print(subprocess.Popen(sys.argv[1:], stdin=d, stdout=d, stderr=d).pid)"
+)
+
+def test_leaks_a_qemu_whose_parent_is_gone():
+    out = subprocess.run([sys.executable, "-c", PARENT, *QEMU_NONE],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    with open(os.environ["GUARD_PID_FILE"], "w") as f:
+        f.write(out.strip())
+"""
+
 
 def inner_session(tmp_path: Path, test_source: str) -> Path:
     """A directory holding a copy of the guard's conftest and one test file."""
@@ -162,8 +179,9 @@ def _state(pid: int) -> str:
         return ""
 
 
-def test_a_qemu_the_session_leaked_is_reported_and_killed(tmp_path: Path) -> None:
-    root = inner_session(tmp_path, LEAKS_ITS_OWN_QEMU)
+@pytest.mark.parametrize("source", [LEAKS_ITS_OWN_QEMU, LEAKS_AN_ORPHAN], ids=["child", "orphan"])
+def test_a_qemu_the_session_leaked_is_reported_and_killed(tmp_path: Path, source: str) -> None:
+    root = inner_session(tmp_path, source)
     pid_file = tmp_path / "leaked.pid"
     inner = start_pytest(root, {"GUARD_PID_FILE": str(pid_file)})
     try:
