@@ -38,6 +38,22 @@ def _open_fds() -> dict[int, str]:
     return fds
 
 
+def _environ(pid: str) -> bytes:
+    """/proc/PID/environ. A process still inside exec() (its new program
+    mapped, its stack not yet) shows an empty one for a few microseconds, and
+    `Popen` may already have returned then: read again, for at most a second.
+    No fd or event says "exec done", hence the bounded re-read."""
+    import time
+
+    end = time.monotonic() + 1.0
+    while True:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+        if data or time.monotonic() > end:
+            return data
+        time.sleep(0.001)
+
+
 def _our_qemu_pids(token: str) -> set[int]:
     """QEMU processes started by this test run (they inherit the token)."""
     needle = f"{TOKEN_VAR}={token}".encode()
@@ -46,12 +62,11 @@ def _our_qemu_pids(token: str) -> set[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/comm") as f:
-                if not f.read().startswith("qemu-system"):
-                    continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    pids.add(int(entry))
+            # the exe link, not comm: comm changes later in exec(), after Popen returned
+            if not os.path.basename(os.readlink(f"/proc/{entry}/exe")).startswith("qemu-system"):
+                continue
+            if needle in _environ(entry).split(b"\0"):
+                pids.add(int(entry))
         except OSError:  # gone, or not ours to read
             pass
     return pids

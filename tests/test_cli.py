@@ -40,4 +40,5 @@ def test_help_and_version() -> None:
     assert vmpilot("--help").returncode == 0
     assert "demo" in vmpilot("demo", "--help").stdout
     assert vmpilot("--version").stdout.startswith("vmpilot ")
-    assert vmpilot().returncode == 2
+    bare = vmpilot()  # exit status 2 *and* argparse's usage: not any early failure
+    assert bare.returncode == 2 and bare.stdout.startswith("usage: vmpilot"), bare.stderr

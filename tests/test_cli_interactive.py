@@ -104,10 +104,10 @@ def test_qmp_shell_completion_events_history(
 
 
 def test_qmp_plain_prompt_without_prompt_toolkit(
-    qemu_unix: tuple[RawQemu, str], spawn: Terminals
+    qemu_unix: tuple[RawQemu, str], spawn: Terminals, tmp_path: Path
 ) -> None:
     _, path = qemu_unix
-    shell = spawn("qmp", path, VMPILOT_PLAIN_PROMPT="1")
+    shell = spawn("qmp", path, VMPILOT_PLAIN_PROMPT="1", XDG_STATE_HOME=str(tmp_path))
     shell.expect_exact("(QEMU) ")
     shell.send('{"execute": "query-status"}\r')
     shell.expect('"status": "running"')

@@ -65,10 +65,10 @@ def test_tiny_bios_image_layout() -> None:
     assert b"TINY-GUEST READY" in rom
 
 
-def test_missing_package_says_what_and_how() -> None:
+def test_missing_package_says_what_and_how(tmp_path: Path) -> None:
     with pytest.raises(PackageError, match=r"no-such-package-vmpilot.*apt-get update"):
-        deb.fetch(["no-such-package-vmpilot"], "/tmp/vmpilot-test-debs-unused")
-    shutil.rmtree("/tmp/vmpilot-test-debs-unused", ignore_errors=True)
+        deb.fetch(["no-such-package-vmpilot"], str(tmp_path / "debs"))
+    assert list((tmp_path / "debs").iterdir()) == []  # nothing half-downloaded left
 
 
 def test_two_processes_building_at_once_build_once(tmp_path: Path, linux_guest: object) -> None:

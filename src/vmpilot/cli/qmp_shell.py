@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Iterable
@@ -76,13 +77,52 @@ def state_dir() -> str:
     return os.path.join(base, "vmpilot")
 
 
+# The history and the transcript hold everything typed, secrets included:
+# they are the user's alone (files 0600 in a 0700 directory).
+
+
+def _private_state_dir() -> str:
+    """`state_dir()`, created 0700, and tightened to 0700 if it is ours and wider."""
+    path = state_dir()
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _private_history(path: str) -> None:
+    """Create the history file 0600 before readline or prompt_toolkit write it
+    (they would use the umask), and tighten one that others could read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _open_transcript(path: str) -> TextIO:
+    """Append to `path`, created 0600. A file that exists is the user's: its
+    mode is kept, but a warning says when others can read what is typed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o077:
+        print(
+            f"vmpilot: warning: {path} has mode {mode:04o}: others can read the transcript "
+            f"(everything typed); `chmod 600 {path}` to keep it private",
+            file=sys.stderr,
+        )
+    return os.fdopen(fd, "a")
+
+
 def format_event(event: Event) -> str:
     return json.dumps({"event": event.name, "data": event.data, "timestamp": event.timestamp})
 
 
 class _Transcript:
     def __init__(self, path: str | None) -> None:
-        self._f: TextIO | None = open(path, "a") if path else None  # noqa: SIM115
+        self._f: TextIO | None = _open_transcript(path) if path else None
 
     def write(self, kind: str, payload: Any) -> None:
         if self._f is not None:
@@ -155,8 +195,8 @@ def _completer(schema: Schema) -> Any:
 
 
 async def interactive(qmp: AsyncQMPClient, args: argparse.Namespace, log: _Transcript) -> int:
-    history = os.path.join(state_dir(), "qmp-history")
-    os.makedirs(os.path.dirname(history), exist_ok=True)
+    history = os.path.join(_private_state_dir(), "qmp-history")
+    _private_history(history)
     prompt = "(HMP) " if args.hmp else "(QEMU) "
     use_toolkit = _has_prompt_toolkit() and not os.environ.get("VMPILOT_PLAIN_PROMPT")
     qmp.add_listener(lambda ev: print(format_event(ev), flush=True))

@@ -2,36 +2,40 @@
 
 A Debian cloud kernel (taken from its .deb, never installed) and a busybox
 initramfs written in Python. The build is keyed by a hash of its inputs
-(package file names, init script, this builder), written to a temp dir and
-renamed into place, under a file lock: two processes (pytest-xdist workers)
-building at once get one build.
+(the packages' hashes as apt's index gives them, init script, this builder),
+written to a temp dir and renamed into place, under a file lock: two
+processes (pytest-xdist workers) building at once get one build.
+
+The cache is not trusted blindly: its directories must be ours and private,
+each package is checked against apt's hash before it is read, nothing taken
+from a package runs on the host, and a cached guest is used only when its
+files hash to what its manifest recorded at build time (else it is rebuilt).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import gzip
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 import struct
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
 from ..errors import GuestError
 from ..machine.config import MachineConfig
-from . import deb
+from . import cpio as cpio_module
+from . import deb, elf, private
 from .cpio import CpioWriter
 
 KERNEL_META = "linux-image-cloud-amd64"  # LZ4-compressed: boots ~2x faster under TCG
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 
 # qemu-ga's guest-shutdown runs `/sbin/shutdown -P|-H|-r +0 ...`; busybox has
 # no shutdown applet.
@@ -114,64 +118,59 @@ class GuestImage:
         return MachineConfig(**values)
 
 
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
-
 def _init_script() -> str:
     return resources.files("vmpilot.guest").joinpath("init.sh").read_text()
 
 
-def _key(debs: dict[str, str], init: str, agent: bool) -> str:
-    with open(__file__, "rb") as f:
-        me = f.read()
+def _key(debs: dict[str, deb.Deb], init: str, agent: bool) -> str:
+    """Names this build's inputs: a change of package, init or builder code
+    gets a new directory, never a stale one."""
+    builder = [__file__] + [m.__file__ for m in (deb, elf, cpio_module, private) if m.__file__]
+    sources = [hashlib.sha256(pathlib.Path(p).read_bytes()).hexdigest() for p in builder]
     blob = json.dumps(
-        [sorted(os.path.basename(d) for d in debs.values()), init, BUILDER_VERSION, agent,
-         hashlib.sha256(me).hexdigest()]
+        [sorted((d.package.filename, d.package.digest) for d in debs.values()), init,
+         BUILDER_VERSION, agent, sources]
     )  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _busybox_applets(busybox: bytes, tmp: str) -> list[str]:
-    path = os.path.join(tmp, "busybox")
-    with open(path, "wb") as f:
-        f.write(busybox)
-    os.chmod(path, 0o755)
+BOOT_FILES = ("vmlinuz", "initramfs.cpio.gz")
+
+
+def _file_record(data: bytes) -> dict[str, Any]:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def load(path: str) -> GuestImage:
+    """The guest built in `path`, after checking that its boot files are
+    those its manifest recorded (size and SHA-256); `GuestError` otherwise."""
     try:
-        out = subprocess.run(
-            [path, "--list-full"], capture_output=True, text=True, check=True, timeout=30
-        ).stdout
-    finally:
-        os.unlink(path)
-    return out.split()
-
-
-def _newest_built(root: str, agent: bool) -> GuestImage | None:
-    images = [
-        _load(os.path.join(root, d))
-        for d in (os.listdir(root) if os.path.isdir(root) else [])
-        if os.path.exists(os.path.join(root, d, "manifest.json"))
-    ]
-    images = [i for i in images if i.agent == agent]
-    if not images:
-        return None
-    return max(images, key=lambda i: os.path.getmtime(os.path.join(i.path, "manifest.json")))
-
-
-def _load(path: str) -> GuestImage:
-    with open(os.path.join(path, "manifest.json")) as f:
-        m = json.load(f)
+        m = json.loads(private.read(os.path.join(path, "manifest.json")))
+        records = m["files"]
+        for name in BOOT_FILES:
+            data = private.read(os.path.join(path, name))
+            if _file_record(data) != records[name]:
+                raise GuestError(
+                    f"{os.path.join(path, name)} does not match the manifest: "
+                    f"{_file_record(data)} != {records[name]}"
+                )
+        release = str(m["kernel_release"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GuestError(f"{path} holds no intact guest build: {exc!r}") from exc
     return GuestImage(
         kernel=os.path.join(path, "vmlinuz"),
         initrd=os.path.join(path, "initramfs.cpio.gz"),
-        kernel_release=m["kernel_release"],
+        kernel_release=release,
         path=path,
         agent=bool(m.get("agent")),
     )
+
+
+def _discard(path: str) -> None:
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path)
 
 
 Progress = Callable[[str], None]
@@ -183,47 +182,54 @@ def build(
     """Build (or reuse) the guest and return it; `agent=True` adds qemu-ga
     (Debian's qemu-guest-agent with its libraries, and the virtio console)."""
     say = progress or (lambda _msg: None)
-    root = cache or cache_root()
+    root = private.directory(cache or cache_root(), follow=True)
     guests = os.path.join(root, "guest")
     debs_dir = os.path.join(root, "debs")
     t0 = time.monotonic()
-    kernel_pkg = deb.resolve(KERNEL_META)
-    if kernel_pkg is None:
-        existing = _newest_built(guests, agent)
-        if existing is not None:
-            return existing  # offline, or no apt lists: the last good build
+    try:
+        kernel_pkg = deb.resolve(KERNEL_META)
+    except deb.PackageError as exc:
+        # No guessing from what is in the cache: without apt nothing says which
+        # build is current, and a directory there may not be one we built.
         raise deb.PackageError(
-            f"apt does not know {KERNEL_META} (Debian's cloud kernel). Run `apt-get update` "
-            f"(as root) on a Debian machine, then build again"
-        )
-    with _locked(os.path.join(root, "guest.lock")):
+            f"apt cannot resolve {KERNEL_META} (Debian's cloud kernel): {exc}. The guest is "
+            f"built from the packages apt names, so without apt no cached build is used. "
+            f"Run `apt-get update` (as root) on a Debian machine, then build again"
+        ) from exc
+    with private.locked(os.path.join(root, "guest.lock")):
+        private.directory(guests)
         packages = [kernel_pkg, "busybox-static"] + (["qemu-guest-agent"] if agent else [])
         debs = deb.fetch(packages, debs_dir)
         init = _init_script()
         key = _key(debs, init, agent)
         final = os.path.join(guests, key)
-        if os.path.exists(os.path.join(final, "manifest.json")):
-            return _load(final)
+        if os.path.lexists(final):
+            try:
+                private.directory(final)
+                return load(final)
+            except (GuestError, OSError) as exc:  # OSError: not a directory at all
+                say(f"not using the cached guest ({exc}): rebuilding it")
+                _discard(final)
         say(f"building the guest from {', '.join(packages)}")
-        os.makedirs(guests, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=guests)
         try:
-            _write(tmp, debs, kernel_pkg, init, agent, say)
-            with open(os.path.join(tmp, "manifest.json")) as f:
-                manifest = json.load(f)
-            manifest["build_seconds"] = round(time.monotonic() - t0, 2)
-            with open(os.path.join(tmp, "manifest.json"), "w") as f:
-                json.dump(manifest, f, indent=2)
+            _write(tmp, debs, kernel_pkg, init, agent, say, t0)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         say(f"guest built in {time.monotonic() - t0:.1f} s: {final}")
-        return _load(final)
+        return load(final)
 
 
 def _write(
-    out: str, debs: dict[str, str], kernel_pkg: str, init: str, agent: bool, say: Progress
+    out: str,
+    debs: dict[str, deb.Deb],
+    kernel_pkg: str,
+    init: str,
+    agent: bool,
+    say: Progress,
+    t0: float,
 ) -> None:
     wanted = {m for _, m in MODULES}
     kfiles = deb.extract(
@@ -235,12 +241,12 @@ def _write(
     )
     vmlinuz = [p for p in kfiles if p.startswith("boot/vmlinuz-")]
     if not vmlinuz:
-        raise GuestError(f"{debs[kernel_pkg]} holds no boot/vmlinuz-*")
+        raise GuestError(f"{debs[kernel_pkg].package.filename} holds no boot/vmlinuz-*")
     release = vmlinuz[0].removeprefix("boot/vmlinuz-")
     say(f"extracted kernel {release}")
     busybox = deb.extract(debs["busybox-static"], lambda p: p == "bin/busybox").get("bin/busybox")
     if busybox is None:
-        raise GuestError(f"{debs['busybox-static']} holds no bin/busybox")
+        raise GuestError(f"{debs['busybox-static'].package.filename} holds no bin/busybox")
 
     cpio = CpioWriter()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "root"):
@@ -249,8 +255,7 @@ def _write(
     cpio.char_device("dev/null", 1, 3, 0o666)
     cpio.file("init", init, 0o755)
     cpio.file("bin/busybox", busybox, 0o755)
-    for applet in _busybox_applets(busybox, out):
-        cpio.symlink(applet, "/bin/busybox")
+    cpio.symlink("bin/sh", "/bin/busybox")  # /init's interpreter; it installs the other applets
     cpio.file("bin/ioport-exit", _static_elf(_IOEXIT), 0o755)
     cpio.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", "root:x:0:\n")
@@ -264,47 +269,36 @@ def _write(
         lines.append(f"{group} {name}")
     cpio.file("etc/modules", "\n".join(lines) + "\n")
     if agent:
-        _add_agent(cpio, debs["qemu-guest-agent"], out)
-    initrd = gzip.compress(cpio.getvalue(), compresslevel=6, mtime=0)
-    with open(os.path.join(out, "initramfs.cpio.gz"), "wb") as f:
-        f.write(initrd)
-    with open(os.path.join(out, "vmlinuz"), "wb") as f:
-        f.write(kfiles[vmlinuz[0]])
+        _add_agent(cpio, debs["qemu-guest-agent"])
+    files = {
+        "initramfs.cpio.gz": gzip.compress(cpio.getvalue(), compresslevel=6, mtime=0),
+        "vmlinuz": kfiles[vmlinuz[0]],
+    }
+    for name, data in files.items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(
             {"kernel_release": release, "kernel_package": kernel_pkg,
-             "debs": {p: os.path.basename(d) for p, d in debs.items()},
-             "initramfs_bytes": len(initrd), "modules": lines, "agent": agent},
+             "debs": {p: {"file": d.package.filename, d.package.hash_name: d.package.digest}
+                      for p, d in debs.items()},
+             "files": {name: _file_record(data) for name, data in files.items()},
+             "modules": lines, "agent": agent,
+             "build_seconds": round(time.monotonic() - t0, 2)},
             f, indent=2,
         )  # fmt: skip
 
 
-def _add_agent(cpio: CpioWriter, agent_deb: str, tmp: str) -> None:
+def _add_agent(cpio: CpioWriter, agent_deb: deb.Deb) -> None:
     """qemu-ga and the host's copies of the libraries it links (they are
-    dependencies of qemu-system-x86, so wherever QEMU runs they exist)."""
+    dependencies of qemu-system-x86, so wherever QEMU runs they exist). The
+    libraries are read from qemu-ga's ELF headers: it is never run here."""
     qga = deb.extract(agent_deb, lambda p: p == "usr/sbin/qemu-ga").get("usr/sbin/qemu-ga")
     if qga is None:
-        raise GuestError(f"{agent_deb} holds no usr/sbin/qemu-ga")
-    path = os.path.join(tmp, "qemu-ga")
-    with open(path, "wb") as f:
-        f.write(qga)
-    os.chmod(path, 0o755)
-    try:
-        out = subprocess.run(
-            ["ldd", path], capture_output=True, text=True, timeout=30, check=False
-        ).stdout
-    finally:
-        os.unlink(path)
-    for line in out.splitlines():
-        if "not found" in line:
-            raise GuestError(
-                f"qemu-ga needs {line.split()[0]}, missing on this machine: install "
-                f"qemu-system-x86 (it depends on the same libraries)"
-            )
-        lib = next((w for w in line.split() if w.startswith("/")), None)
-        if lib is not None:
-            with open(os.path.realpath(lib), "rb") as f:
-                cpio.file(lib, f.read(), 0o755)
+        raise GuestError(f"{agent_deb.package.filename} holds no usr/sbin/qemu-ga")
+    for lib in elf.host_libraries(qga):
+        with open(os.path.realpath(lib), "rb") as f:
+            cpio.file(lib, f.read(), 0o755)
     cpio.file("usr/sbin/qemu-ga", qga, 0o755)
     cpio.file("sbin/shutdown", SHUTDOWN_SHIM, 0o755)
 
@@ -320,7 +314,7 @@ def clean(cache: str | None = None) -> list[str]:
     removed = []
     for sub in ("guest", "debs"):
         path = os.path.join(root, sub)
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        if os.path.lexists(path):
+            _discard(path)  # a symlink goes, never what it points to
             removed.append(path)
     return removed

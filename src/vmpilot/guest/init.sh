@@ -8,6 +8,8 @@
 #                         (needs -device isa-debug-exit,iobase=0xf4,iosize=4)
 #   vmpilot.run=CMD       run CMD before the shell ('+' stands for a space)
 # qemu-ga, when the image has it, starts on the port org.qemu.guest_agent.0.
+# the applets' symlinks (/bin/sh exists): the builder never runs busybox on the host
+/bin/busybox --install -s
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root TERM=dumb
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
