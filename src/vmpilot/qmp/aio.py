@@ -35,6 +35,7 @@ from .protocol import DEFAULT_MAX_LINE, ConnectionLost, ErrorReply, Event, Greet
 from .schema import Schema
 
 _RECV = 65536
+_POLL_BURST = 64
 _T = TypeVar("_T")
 _EventWaiter = tuple[NameFilter, "Mapping[str, Any] | None", "asyncio.Future[Event]"]
 
@@ -300,26 +301,37 @@ class AsyncQMPClient(ClientBase):
 
     # -- reading ----------------------------------------------------------
 
-    def _on_readable(self) -> None:
+    def _on_readable(self) -> bool:
+        """Read and dispatch one chunk; returns whether the connection is still
+        open and gave data."""
         sock = self._sock
         if sock is None:
-            return
+            return False
         try:
             data = sock.recv(_RECV)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except (ConnectionResetError, BrokenPipeError):
             data = b""  # the peer went away with our data unread: same as EOF
         except OSError as exc:
             self._lost(f"receive failed: {exc}")
-            return
+            return False
         try:  # b"" (end of stream) too: the core judges it (ConnectionLost)
             items = self._core.receive_data(data)
         except ProtocolError as exc:
             self._dispatch(exc.items)
             self._lost(f"protocol error: {exc}", exc)
-            return
+            return False
         self._dispatch(items)
+        return bool(data)
+
+    async def poll_events(self) -> None:
+        """Read whatever QEMU has already sent (events), without waiting. The
+        loop reads as data arrives anyway; this catches up with what a busy
+        loop has not read yet (bounded, so a flooding peer cannot pin it)."""
+        for _ in range(_POLL_BURST):
+            if not self._on_readable():
+                return
 
     def _dispatch(self, items: list[Item]) -> None:
         for item in items:
