@@ -1,16 +1,17 @@
-"""Observe, through /proc, that a thread is blocked in the kernel: how a test
-knows a call is really waiting without peeking at the client's private locks."""
+"""Observe, through /proc, that a thread is blocked in the kernel waiting for
+input: how a test knows a call is really waiting without peeking at the
+client's private locks."""
 
 from __future__ import annotations
 
 import threading
 
-# x86_64 numbers: poll, ppoll, select, pselect6, epoll_wait, epoll_pwait
-_WAITING = {7, 271, 23, 270, 232, 281}
+# x86_64 numbers: read, poll, select, recvfrom, recvmsg, epoll_wait, pselect6, ppoll, epoll_pwait
+_WAITING = {0, 7, 23, 45, 47, 232, 270, 271, 281}
 
 
-def blocked_in_poll(thread: threading.Thread) -> bool:
-    """Whether `thread` is inside a poll-like system call right now."""
+def blocked_reading(thread: threading.Thread) -> bool:
+    """Whether `thread` is inside a read- or poll-like system call right now."""
     try:
         with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
             first = f.read().split(maxsplit=1)[0]

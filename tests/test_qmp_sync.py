@@ -9,7 +9,7 @@ import time
 
 import pytest
 from conftest import RawQemu, wait_until
-from kernel_wait import blocked_in_poll
+from kernel_wait import blocked_reading
 
 from vmpilot.errors import CommandError, Disconnected, QMPError, Timeout
 from vmpilot.qmp import Event, QMPClient
@@ -199,7 +199,7 @@ def test_command_in_flight_when_qemu_dies(raw_qemu: RawQemu) -> None:
         target=lambda: result.append(_catch(lambda: qmp.execute("query-status", timeout=30)))
     )
     t.start()
-    wait_until(lambda: blocked_in_poll(t), what="execute waiting for its reply")
+    wait_until(lambda: blocked_reading(t), what="execute waiting for its reply")
     t0 = time.monotonic()
     os.kill(raw_qemu.proc.pid, signal.SIGKILL)
     t.join(5)

@@ -11,8 +11,10 @@ is held across a blocking system call except that send lock, and its wait
 is bounded by the caller's deadline; `close()` from any thread wakes every
 call at once.
 
-The socket stays in blocking mode: a command is `send(MSG_DONTWAIT)`, then
-`poll` until the deadline and `recv`: three system calls, no mode switching.
+The socket stays in blocking mode and a command costs what it costs a plain
+blocking client, two system calls: `send(MSG_DONTWAIT)` and `recv`, the
+latter bounded by the kernel's receive timeout (SO_RCVTIMEO), kept within
+the deadline and changed only when it must be (see `_fit_rcvtimeo`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import contextlib
 import math
 import select
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -46,6 +49,7 @@ from .protocol import DEFAULT_MAX_LINE, ConnectionLost, ErrorReply, Event, Greet
 from .schema import Schema
 
 _RECV = 65536
+_TIMEVAL = struct.Struct("@ll")  # struct timeval
 _POLL_BURST = 64  # poll_events reads at most this many chunks (a flooding peer cannot pin it)
 _T = TypeVar("_T")
 
@@ -72,13 +76,13 @@ class QMPClient(ClientBase):
         self._mutex = threading.Lock()  # guards all state; never held across a blocking call
         self._cond = threading.Condition(self._mutex)  # "something arrived / the reader left"
         self._send_lock = threading.Lock()  # one message on the wire at a time
-        self._reading = False  # a thread is the reader (in poll/recv, without _mutex)
+        self._reading = False  # a thread is the reader (in recv, without _mutex)
+        self._followers = 0  # threads waiting on _cond (notified only if any)
         self._users = 0  # threads using the fd outside _mutex: it is closed when they leave
         self._shut: socket.socket | None = None  # closed connection, fd still in use
         self._broken: ProtocolError | None = None
         sock.setblocking(True)
-        self._poller = select.poll()
-        self._poller.register(sock.fileno(), select.POLLIN)
+        self._rcvtimeo = 0.0  # SO_RCVTIMEO now (0: none); see _fit_rcvtimeo
 
     # -- connecting -------------------------------------------------------
 
@@ -266,9 +270,11 @@ class QMPClient(ClientBase):
         message; returns its id. A deadline that passes before the first byte
         left takes the command back (`Timeout`, the connection stays usable);
         one that passes half-way through breaks the connection."""
-        remaining = deadline.remaining()
-        if not self._send_lock.acquire(timeout=-1 if remaining is None else remaining):
-            raise Timeout(f"sending {name!r} (another thread is sending)", deadline.timeout)
+        send_lock = self._send_lock
+        if not send_lock.acquire(False):
+            remaining = deadline.remaining()
+            if not send_lock.acquire(timeout=-1 if remaining is None else remaining):
+                raise Timeout(f"sending {name!r} (another thread is sending)", deadline.timeout)
         try:
             with self._mutex:
                 sock = self._sock
@@ -277,12 +283,17 @@ class QMPClient(ClientBase):
                 id_, data = encode()
                 self._users += 1
             try:
-                self._send_bytes(sock, data, fds, deadline, name, id_)
+                try:  # the common case inline: all of it at once
+                    sent = -1 if fds else sock.send(data, socket.MSG_DONTWAIT)
+                except OSError:
+                    sent = -1  # the slow path retries and reports it
+                if sent != len(data):
+                    self._send_bytes(sock, data, fds, deadline, name, id_, max(sent, 0))
             finally:
                 with self._mutex:
                     self._leave()
         finally:
-            self._send_lock.release()
+            send_lock.release()
         return id_
 
     def _send_bytes(
@@ -293,8 +304,8 @@ class QMPClient(ClientBase):
         deadline: Deadline,
         name: str,
         id_: int | None,
+        sent: int,
     ) -> None:
-        sent = 0
         while True:
             try:
                 if fds and not sent:
@@ -346,7 +357,11 @@ class QMPClient(ClientBase):
                         )
                     raise Timeout(what, deadline.timeout)
                 if self._reading:
-                    self._cond.wait(deadline.remaining())
+                    self._followers += 1
+                    try:
+                        self._cond.wait(deadline.remaining())
+                    finally:
+                        self._followers -= 1
                 else:
                     self._read(deadline)
                 waited = True
@@ -364,9 +379,14 @@ class QMPClient(ClientBase):
         self._mutex.release()
         try:
             remaining = deadline.remaining()
-            ms = -1 if remaining is None else math.ceil(remaining * 1000)
-            if self._poller.poll(ms):
-                data = sock.recv(_RECV)
+            if remaining == 0:
+                data = sock.recv(_RECV, socket.MSG_DONTWAIT)
+            else:
+                if remaining is not None:
+                    self._fit_rcvtimeo(sock, remaining)
+                data = sock.recv(_RECV)  # the socket's receive timeout bounds it
+        except BlockingIOError:
+            pass  # nothing yet (the receive timeout ran out): the caller loops
         except (ConnectionResetError, BrokenPipeError):
             data = b""  # the peer went away with our data unread: same as EOF
         except OSError as exc:
@@ -375,7 +395,8 @@ class QMPClient(ClientBase):
             self._mutex.acquire()
             self._reading = False
             self._leave()
-            self._cond.notify_all()
+            if self._followers:
+                self._cond.notify_all()
         if self._sock is None:  # closed meanwhile
             return False
         if error is not None:
@@ -392,6 +413,21 @@ class QMPClient(ClientBase):
             return True
         self._dispatch(items)
         return True
+
+    def _fit_rcvtimeo(self, sock: socket.socket, remaining: float) -> None:
+        """Keep the kernel's receive timeout (SO_RCVTIMEO) within `remaining`,
+        so a blocking recv never outlasts the deadline, yet change it (a system
+        call) rarely: it is set to half of what is left, and reset only when it
+        would overshoot or is far shorter than needed. A recv that times out
+        early just makes the caller loop."""
+        current = self._rcvtimeo
+        if current <= remaining and current * 8 >= remaining:
+            return
+        new = remaining / 2
+        sec = int(new)
+        usec = int((new - sec) * 1e6) or (0 if sec else 1)  # all zero would mean "never"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(sec, usec))
+        self._rcvtimeo = sec + usec / 1e6
 
     def _dispatch(self, items: list[Item]) -> None:
         for item in items:
