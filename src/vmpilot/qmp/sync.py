@@ -78,7 +78,7 @@ class QMPClient(ClientBase):
         self._send_lock = threading.Lock()  # one message on the wire at a time
         self._reading = False  # a thread is the reader (in recv, without _mutex)
         self._followers = 0  # threads waiting on _cond (notified only if any)
-        self._users = 0  # threads using the fd outside _mutex: it is closed when they leave
+        self._users = 0  # senders using the fd outside _mutex (and the reader, if _reading)
         self._shut: socket.socket | None = None  # closed connection, fd still in use
         self._broken: ProtocolError | None = None
         sock.setblocking(True)
@@ -127,7 +127,7 @@ class QMPClient(ClientBase):
         return self._await(
             lambda: core.greeting,
             self._deadline(timeout),
-            f"the QMP greeting from {self.name}",
+            lambda: f"the QMP greeting from {self.name}",
             True,
         )
 
@@ -222,7 +222,8 @@ class QMPClient(ClientBase):
         fds: Sequence[int],
         timeout: TimeoutArg,
     ) -> Any:
-        self._check_command(name, arguments)
+        if self.validate:
+            self._check_command(name, arguments)
         deadline = self._deadline(timeout)
         core = self._core
         reply = self._roundtrip(
@@ -245,16 +246,14 @@ class QMPClient(ClientBase):
         def arrived() -> Reply | ErrorReply | None:
             return replies.pop(id_, None)
 
-        return cast(
-            "Reply | ErrorReply", self._await(arrived, deadline, f"the reply to {name!r}", True)
-        )
+        reply = self._await(arrived, deadline, lambda: f"the reply to {name!r}", True)
+        return cast("Reply | ErrorReply", reply)
 
     def poll_events(self) -> None:
         """Read whatever QEMU has already sent (events), without waiting."""
         with self._mutex:
-            deadline = Deadline(0)
             for _ in range(_POLL_BURST):
-                if self._sock is None or self._reading or not self._read(deadline):
+                if self._sock is None or self._reading or not self._read(0):
                     return
 
     # -- sending ----------------------------------------------------------
@@ -336,7 +335,11 @@ class QMPClient(ClientBase):
     # -- waiting and reading ----------------------------------------------
 
     def _await(
-        self, check: Callable[[], _T | None], deadline: Deadline, what: str, fatal: bool
+        self,
+        check: Callable[[], _T | None],
+        deadline: Deadline,
+        what: Callable[[], str],
+        fatal: bool,
     ) -> _T:
         """Wait until `check()` (called under the state lock) returns a result,
         reading the socket if no other thread is. `fatal`: running out of time
@@ -349,40 +352,43 @@ class QMPClient(ClientBase):
                 if found is not None:
                     return found
                 if self._sock is None:
-                    raise self._gone(what, waited)
-                if deadline.expired:
+                    raise self._gone(what(), waited)
+                remaining = deadline.remaining()
+                if remaining == 0:
+                    awaited = what()
                     if fatal:
                         self._lost(
-                            f"no answer within {deadline.timeout:g} s while waiting for {what}"
+                            f"no answer within {deadline.timeout:g} s while waiting for {awaited}"
                         )
-                    raise Timeout(what, deadline.timeout)
+                    raise Timeout(awaited, deadline.timeout)
                 if self._reading:
                     self._followers += 1
                     try:
-                        self._cond.wait(deadline.remaining())
+                        self._cond.wait(remaining)
                     finally:
                         self._followers -= 1
                 else:
-                    self._read(deadline)
+                    self._read(remaining)
                 waited = True
 
-    def _read(self, deadline: Deadline) -> bool:
-        """As the reader: wait for data until `deadline` and dispatch it.
+    def _read(self, remaining: float | None) -> bool:
+        """As the reader: wait for data for `remaining` seconds (None: no
+        limit, 0: only what is there) and dispatch it.
         Called and returns with `_mutex` held; releases it while in the
         kernel. Returns whether anything was read."""
         sock = self._sock
         assert sock is not None
-        self._reading = True
-        self._users += 1
+        self._reading = True  # counts as a user of the fd (see _lost)
         data: bytes | None = None
         error: OSError | None = None
         self._mutex.release()
         try:
-            remaining = deadline.remaining()
             if remaining == 0:
                 data = sock.recv(_RECV, socket.MSG_DONTWAIT)
             else:
-                if remaining is not None:
+                if remaining is not None and not (
+                    self._rcvtimeo <= remaining <= self._rcvtimeo * 8
+                ):
                     self._fit_rcvtimeo(sock, remaining)
                 data = sock.recv(_RECV)  # the socket's receive timeout bounds it
         except BlockingIOError:
@@ -394,7 +400,9 @@ class QMPClient(ClientBase):
         finally:
             self._mutex.acquire()
             self._reading = False
-            self._leave()
+            if self._shut is not None and not self._users:
+                self._shut.close()
+                self._shut = None
             if self._followers:
                 self._cond.notify_all()
         if self._sock is None:  # closed meanwhile
@@ -420,9 +428,6 @@ class QMPClient(ClientBase):
         call) rarely: it is set to half of what is left, and reset only when it
         would overshoot or is far shorter than needed. A recv that times out
         early just makes the caller loop."""
-        current = self._rcvtimeo
-        if current <= remaining and current * 8 >= remaining:
-            return
         new = remaining / 2
         sec = int(new)
         usec = int((new - sec) * 1e6) or (0 if sec else 1)  # all zero would mean "never"
@@ -467,7 +472,9 @@ class QMPClient(ClientBase):
         deadline = self._deadline(timeout)
         take = self._events.take
         try:
-            return self._await(lambda: take(name, match), deadline, describe(name, match), False)
+            return self._await(
+                lambda: take(name, match), deadline, lambda: describe(name, match), False
+            )
         except Disconnected as exc:
             raise Disconnected(f"{exc}; no {describe(name, match)} arrived") from None
 
@@ -497,7 +504,7 @@ class QMPClient(ClientBase):
         self._core.close()
         sock, self._sock = self._sock, None
         if sock is not None:
-            if self._users:
+            if self._users or self._reading:
                 self._shut = sock
                 with contextlib.suppress(OSError):  # already disconnected: its call fails
                     sock.shutdown(socket.SHUT_RDWR)
@@ -507,7 +514,7 @@ class QMPClient(ClientBase):
 
     def _leave(self) -> None:
         self._users -= 1
-        if not self._users and self._shut is not None:
+        if not self._users and not self._reading and self._shut is not None:
             self._shut.close()
             self._shut = None
 
