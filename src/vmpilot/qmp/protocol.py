@@ -1,9 +1,14 @@
 """QMP as a pure state machine: bytes in, parsed items out; commands in, bytes out.
 
 No sockets, no clock, no threads, so that every rule of the protocol lives once
-and can be fuzzed. Anything malformed raises `ProtocolError` and nothing else;
-the connection is then broken for good (a peer that sent garbage cannot be
-trusted to frame the next message correctly).
+and can be fuzzed. Anything malformed, whatever its shape (integers wider than
+QEMU's 64 bits included), raises `ProtocolError` and nothing else; the
+connection is then broken for good (a peer that sent garbage cannot be trusted
+to frame the next message correctly). End of stream is judged here too, as
+h11 and wsproto do: `receive_data(b"")` gives a `ConnectionLost` (clean after
+`quit`, whose reply QEMU's leaving stands for), so the drivers never re-decide
+it. Items are frozen dataclasses: shared between threads and listeners, none
+can alter what another sees.
 """
 
 from __future__ import annotations
