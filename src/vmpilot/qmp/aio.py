@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import time
 from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -64,6 +65,10 @@ class AsyncQMPClient(ClientBase):
         self._event_waiters: list[_EventWaiter] = []
         self._greeting: asyncio.Future[Greeting] = self._loop.create_future()
         self._wbuf: collections.deque[tuple[memoryview, Sequence[int]]] = collections.deque()
+        # waits with a deadline: key -> (future, deadline, timeout, what, fatal); see _wait
+        self._timed: dict[object, tuple[asyncio.Future[Any], float, float | None, str, bool]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._loop.add_reader(self._fd, self._on_readable)
 
     # -- connecting -------------------------------------------------------
@@ -243,22 +248,40 @@ class AsyncQMPClient(ClientBase):
         self, fut: asyncio.Future[_T], deadline: Deadline, what: str, fatal: bool
     ) -> _T:
         """Await `fut` until `deadline`; on timeout fail it with `Timeout` and,
-        if `fatal`, break the connection (an unanswered command poisons it)."""
-        remaining = deadline.remaining()
-        if remaining is None or fut.done():
+        if `fatal`, break the connection (an unanswered command poisons it).
+
+        One loop timer serves every wait (armed for the earliest deadline,
+        re-armed when it fires): a timer per command would cost more than
+        the command's own round trip handling."""
+        at = deadline.at
+        if at is None or fut.done():
             return await fut
-
-        def expire() -> None:
-            if not fut.done():
-                fut.set_exception(Timeout(what, deadline.timeout))
-                if fatal:
-                    self._lost(f"no answer within {deadline.timeout:g} s while waiting for {what}")
-
-        handle = self._loop.call_later(remaining, expire)
+        key = object()  # not `fut`: two calls may await one future (the greeting)
+        self._timed[key] = (fut, at, deadline.timeout, what, fatal)
+        if self._timer is None or at < self._timer_at:
+            self._arm(at)
         try:
             return await fut
         finally:
-            handle.cancel()
+            del self._timed[key]
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_later(max(0.0, at - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        for fut, at, timeout, what, fatal in list(self._timed.values()):
+            if at <= now and not fut.done():
+                fut.set_exception(Timeout(what, timeout))
+                if fatal:
+                    self._lost(f"no answer within {timeout:g} s while waiting for {what}")
+        pending = [at for fut, at, *_ in self._timed.values() if not fut.done()]
+        if pending and self._sock is not None:
+            self._arm(min(pending))
 
     # -- writing ----------------------------------------------------------
 
@@ -415,6 +438,9 @@ class AsyncQMPClient(ClientBase):
             self._loop.remove_writer(self._fd)
         sock.close()
         self._core.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
         def gone(what: str) -> QMPError:
             if isinstance(error, ProtocolError):  # what the blocking client raises too
