@@ -12,11 +12,12 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from conftest import RawQemu
+from test_qmp_fake_peer import Peer, Script, peer  # noqa: F401  (peer: the fixture)
 
 from vmpilot.errors import CommandError, Disconnected, Timeout
 from vmpilot.qmp import QMPClient
@@ -151,3 +152,23 @@ def test_a_command_that_could_not_be_sent_in_time_leaves_the_connection_open(
     finally:
         os.kill(raw_qemu.proc.pid, signal.SIGCONT)
         qmp.close()
+
+
+def test_zero_timeout_still_sees_what_has_already_arrived(
+    peer: Callable[[Script], Peer],  # noqa: F811
+) -> None:
+    """`timeout=0` means "no waiting", not "ignore what the kernel holds"."""
+    sent = threading.Event()
+
+    def script(p: Peer) -> None:
+        p.greet_and_negotiate()
+        p.sock.sendall(
+            b'{"event": "X", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}\r\n'
+        )
+        sent.set()
+        p.wait_closed()
+
+    with QMPClient.connect(peer(script).client_sock) as qmp:
+        assert sent.wait(10)  # in our socket's receive buffer now, not read yet
+        assert qmp.wait_event("X", timeout=0).seconds == 1
+        assert not qmp.closed

@@ -346,7 +346,7 @@ class QMPClient(ClientBase):
         breaks the connection (a command sent was left without its reply, so
         the stream can no longer be trusted)."""
         with self._mutex:
-            waited = False
+            waited = drained = False
             while True:
                 found = check()
                 if found is not None:
@@ -355,6 +355,10 @@ class QMPClient(ClientBase):
                     raise self._gone(what(), waited)
                 remaining = deadline.remaining()
                 if remaining == 0:
+                    if not drained and not self._reading:
+                        drained = True  # once: what the kernel already holds has arrived
+                        self._read(0)
+                        continue
                     awaited = what()
                     if fatal:
                         self._lost(
