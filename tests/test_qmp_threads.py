@@ -162,6 +162,7 @@ def test_zero_timeout_still_sees_what_has_already_arrived(
 
     def script(p: Peer) -> None:
         p.greet_and_negotiate()
+        assert p.sock.recv(1) == b" "  # the client's pass_fd: it is not reading now
         p.sock.sendall(
             b'{"event": "X", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}\r\n'
         )
@@ -169,6 +170,7 @@ def test_zero_timeout_still_sees_what_has_already_arrived(
         p.wait_closed()
 
     with QMPClient.connect(peer(script).client_sock) as qmp:
+        qmp.pass_fd(0)  # a byte with no reply: tells the peer to send the event
         assert sent.wait(10)  # in our socket's receive buffer now, not read yet
         assert qmp.wait_event("X", timeout=0).seconds == 1
         assert not qmp.closed
