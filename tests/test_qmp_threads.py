@@ -42,8 +42,8 @@ def _park_a_waiter(qmp: QMPClient, timeout: float) -> tuple[threading.Thread, li
     handle = qmp.add_listener(lambda ev: reading.set() if threading.current_thread() is t else None)
     t.start()
     for _ in range(50):  # until the waiter is the reader (each try is bounded)
-        qmp.execute("stop", timeout=1)
-        qmp.execute("cont", timeout=1)
+        qmp.execute("stop", timeout=10)
+        qmp.execute("cont", timeout=10)
         if reading.wait(0.1):
             break
     assert reading.is_set(), "the waiter never read an event"
@@ -57,7 +57,7 @@ def test_commands_complete_while_another_thread_waits_for_an_event(raw_qemu: Raw
         waiter, outcome = _park_a_waiter(qmp, timeout=4)
         for _ in range(20):
             started = time.monotonic()
-            assert qmp.execute("query-status", timeout=1)["status"] == "running"
+            assert qmp.execute("query-status", timeout=10)["status"] == "running"
             assert time.monotonic() - started < SLACK
             assert not qmp.closed
         waiter.join(10)
