@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import QEMU, wait_until
+from kernel_wait import blocked_reading
 
 from vmpilot import (
     AbnormalShutdown,
@@ -86,7 +87,7 @@ def test_segv_while_execute_blocked() -> None:
 
     t = threading.Thread(target=call)
     t.start()
-    wait_until(vm.qmp._lock.locked, what="execute in flight")
+    wait_until(lambda: blocked_reading(t), what="execute waiting for its reply")
     os.kill(pid, signal.SIGSEGV)
     t0 = time.monotonic()
     os.kill(pid, signal.SIGCONT)

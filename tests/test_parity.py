@@ -19,6 +19,7 @@ from conftest import run_async
 from vmpilot import AsyncMachine, AsyncQMPClient, Machine, QMPClient
 from vmpilot.console import AsyncConsole, Console
 from vmpilot.qga import AsyncGuestAgent, GuestAgent
+from vmpilot.qtest import AsyncQtest, Qtest
 from vmpilot.shell import AsyncShell, Shell
 
 # names only one face has, on purpose
@@ -31,14 +32,12 @@ FACE_SPECIFIC = {
 }  # fmt: skip
 
 PAIRS = [
-    pytest.param(Machine, AsyncMachine, id="Machine"),  # no difference found at this level
-    pytest.param(
-        QMPClient, AsyncQMPClient, id="QMPClient",
-        marks=pytest.mark.xfail(strict=True, reason="fixed on the qmp branch"),
-    ),
+    pytest.param(Machine, AsyncMachine, id="Machine"),
+    pytest.param(QMPClient, AsyncQMPClient, id="QMPClient"),
     pytest.param(GuestAgent, AsyncGuestAgent, id="GuestAgent"),
     pytest.param(Console, AsyncConsole, id="Console"),
     pytest.param(Shell, AsyncShell, id="Shell"),
+    pytest.param(Qtest, AsyncQtest, id="Qtest"),
 ]  # fmt: skip
 
 

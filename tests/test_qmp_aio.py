@@ -185,7 +185,8 @@ def test_close_fails_calls_in_flight(raw_qemu: RawQemu) -> None:
     async def main() -> None:
         qmp = await AsyncQMPClient.connect(raw_qemu.take_socket())
         waiter = asyncio.ensure_future(qmp.wait_event("NEVER", timeout=30))
-        await asyncio.sleep(0)  # let the waiter register
+        done, _ = await asyncio.wait([waiter], timeout=0.1)  # it waits (registered)
+        assert not done
         qmp.close()
         with pytest.raises(Disconnected, match="while waiting for event 'NEVER'"):
             await waiter
@@ -198,7 +199,8 @@ def test_command_in_flight_when_qemu_dies(raw_qemu: RawQemu) -> None:
         qmp = await AsyncQMPClient.connect(raw_qemu.take_socket())
         os.kill(raw_qemu.proc.pid, signal.SIGSTOP)
         calls = [asyncio.ensure_future(qmp.execute("query-status", timeout=30)) for _ in range(5)]
-        await asyncio.sleep(0)
+        done, _ = await asyncio.wait(calls, timeout=0.2)  # all sent, none answered
+        assert not done
         t0 = time.monotonic()
         os.kill(raw_qemu.proc.pid, signal.SIGKILL)
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -213,14 +215,15 @@ def test_cancelled_command_keeps_connection_usable(raw_qemu: RawQemu) -> None:
     async def main() -> None:
         async with AsyncQMPClient.connect(raw_qemu.take_socket()) as qmp:
             os.kill(raw_qemu.proc.pid, signal.SIGSTOP)
-            task = asyncio.ensure_future(qmp.execute("query-status"))
-            await asyncio.sleep(0)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            # cancelled by wait_for once it has been sent and waited 0.2 s
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(qmp.execute("query-status"), 0.2)
             os.kill(raw_qemu.proc.pid, signal.SIGCONT)
             # the late reply to the cancelled command is dropped, not an error
+            # (QEMU answers in order: it came before query-name's)
+            assert qmp.dropped_replies == 0
             assert await qmp.execute("query-name") == {}
+            assert qmp.dropped_replies == 1
 
     run_async(main())
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import RawQemu, wait_until
+from kernel_wait import blocked_reading
 
 from vmpilot.errors import CommandError, Disconnected, QMPError, Timeout
 from vmpilot.qmp import Event, QMPClient
@@ -165,16 +166,23 @@ def test_close_from_another_thread_wakes_a_blocked_call(raw_qemu: RawQemu) -> No
     started = threading.Event()
 
     def waiter() -> None:
-        started.set()
         try:
             qmp.wait_event("NEVER", timeout=30)
-        except BaseException as exc:
+        except Disconnected as exc:
             errors.append(exc)
 
+    # listeners run in the thread that read the event: once `stop` (issued
+    # here) has its reply, the STOP event before it was read by the waiter,
+    # which is therefore inside wait_event, reading
     t = threading.Thread(target=waiter)
+    qmp.add_listener(lambda ev: started.set() if threading.current_thread() is t else None)
     t.start()
-    started.wait(5)
-    wait_until(qmp._lock.locked, what="the waiter to be inside wait_event")
+    for _ in range(50):  # until the waiter has become the reader
+        qmp.execute("stop")
+        qmp.execute("cont")
+        if started.wait(0.1):
+            break
+    assert started.is_set(), "the waiter never read an event"
     t0 = time.monotonic()
     qmp.close()
     t.join(5)
@@ -191,7 +199,7 @@ def test_command_in_flight_when_qemu_dies(raw_qemu: RawQemu) -> None:
         target=lambda: result.append(_catch(lambda: qmp.execute("query-status", timeout=30)))
     )
     t.start()
-    wait_until(qmp._lock.locked, what="execute to be in flight")
+    wait_until(lambda: blocked_reading(t), what="execute waiting for its reply")
     t0 = time.monotonic()
     os.kill(raw_qemu.proc.pid, signal.SIGKILL)
     t.join(5)

@@ -8,10 +8,6 @@ so the whole call ends when the caller said, however many waits it makes.
 from __future__ import annotations
 
 import time
-from types import EllipsisType
-
-# the QMP clients' `timeout`: `...` means "the client's own default"
-TimeoutArg = float | None | EllipsisType
 
 
 class Deadline:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
+from .._util.fds import check_fd
 from ..errors import VMError
-from ..qmp._transport import check_fd
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 

@@ -70,9 +70,11 @@ def targets(address: Address) -> list[tuple[int, str | tuple[str, int]]]:
     return [(socket.AF_UNIX, text)]
 
 
-def sendmsg_fds(sock: socket.socket, data: bytes | memoryview, fds: Sequence[int]) -> int:
+def sendmsg_fds(
+    sock: socket.socket, data: bytes | memoryview, fds: Sequence[int], flags: int = 0
+) -> int:
     """Send `data` with `fds` attached (SCM_RIGHTS); returns bytes sent."""
     if sock.family != socket.AF_UNIX:
         raise QMPError("file descriptors can only be passed over a unix socket")
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    return sock.sendmsg([data], anc)
+    return sock.sendmsg([data], anc, flags)

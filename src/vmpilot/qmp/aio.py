@@ -11,19 +11,32 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import time
 from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from .._util.deadline import Deadline
+from .._util.plan import arun
 from ..errors import Disconnected, ProtocolError, QMPError, Timeout
 from . import _transport
-from ._client import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientBase, TimeoutArg
+from ._client import (
+    CLIENT_TIMEOUT,
+    CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    ClientBase,
+    TimeoutArg,
+    connect_plan,
+    message_command,
+    reply_message,
+    send_failed,
+)
 from .events import NameFilter, describe, event_matches
-from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, Reply
+from .protocol import DEFAULT_MAX_LINE, ConnectionLost, ErrorReply, Event, Greeting, Item, Reply
 from .schema import Schema
 
 _RECV = 65536
+_POLL_BURST = 64
 _T = TypeVar("_T")
 _EventWaiter = tuple[NameFilter, "Mapping[str, Any] | None", "asyncio.Future[Event]"]
 
@@ -48,10 +61,14 @@ class AsyncQMPClient(ClientBase):
         super().__init__(sock, timeout=timeout, history=history, max_line=max_line, name=name)
         self._fd = sock.fileno()
         sock.setblocking(False)
-        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._waiters: dict[int, asyncio.Future[Reply | ErrorReply]] = {}
         self._event_waiters: list[_EventWaiter] = []
         self._greeting: asyncio.Future[Greeting] = self._loop.create_future()
         self._wbuf: collections.deque[tuple[memoryview, Sequence[int]]] = collections.deque()
+        # waits with a deadline: key -> (future, deadline, timeout, what, fatal); see _wait
+        self._timed: dict[object, tuple[asyncio.Future[Any], float, float | None, str, bool]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._loop.add_reader(self._fd, self._on_readable)
 
     # -- connecting -------------------------------------------------------
@@ -97,30 +114,32 @@ class AsyncQMPClient(ClientBase):
         if isinstance(address, (socket.socket, int)):
             sock = _transport.adopt(address)
         else:
-            sock = await _connect(address, deadline, name)
+            sock = await arun(connect_plan(address, deadline, name), _Connector())
         client = cls(sock, timeout=timeout, history=history, max_line=max_line, name=name)
         try:
-            await client.read_greeting(timeout=deadline.remaining())
+            await client.read_greeting(timeout=deadline)
             if negotiate:
-                await client.negotiate(oob=oob, timeout=deadline.remaining())
+                await client.negotiate(oob=oob, timeout=deadline)
             if validate:
-                await client.fetch_schema(timeout=deadline.remaining())
+                await client.fetch_schema(timeout=deadline)
                 client.validate = True
         except BaseException:
             client.close()
             raise
         return client
 
-    async def read_greeting(self, *, timeout: TimeoutArg = ...) -> Greeting:
+    async def read_greeting(self, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> Greeting:
         return await self._wait(self._greeting, self._deadline(timeout), "the QMP greeting", True)
 
-    async def negotiate(self, *, oob: bool = False, timeout: TimeoutArg = ...) -> None:
+    async def negotiate(self, *, oob: bool = False, timeout: TimeoutArg = CLIENT_TIMEOUT) -> None:
         """Send `qmp_capabilities` (enabling OOB if asked) and wait for the answer."""
         deadline = self._deadline(timeout)
-        await self.read_greeting(timeout=deadline.remaining())
+        await self.read_greeting(timeout=deadline)
         self._check_open()
         id_, data = self._core.negotiate(["oob"] if oob else [])
-        await self._roundtrip(id_, data, (), deadline, "qmp_capabilities")
+        reply = await self._roundtrip(id_, data, (), deadline, "qmp_capabilities")
+        if isinstance(reply, ErrorReply):
+            raise reply.error()
 
     # -- commands ---------------------------------------------------------
 
@@ -129,7 +148,7 @@ class AsyncQMPClient(ClientBase):
         name: str,
         arguments: Mapping[str, Any] | None = None,
         *,
-        timeout: TimeoutArg = ...,
+        timeout: TimeoutArg = CLIENT_TIMEOUT,
     ) -> Any:
         """Run command `name`; return its `return` value or raise `CommandError`."""
         return await self._execute(name, arguments, False, (), timeout)
@@ -139,12 +158,34 @@ class AsyncQMPClient(ClientBase):
         name: str,
         arguments: Mapping[str, Any] | None = None,
         *,
-        timeout: TimeoutArg = ...,
+        timeout: TimeoutArg = CLIENT_TIMEOUT,
     ) -> Any:
         """Run `name` out-of-band (needs `oob=True` at connect)."""
         return await self._execute(name, arguments, True, (), timeout)
 
-    async def send_fd(self, fd: int, fdname: str, *, timeout: TimeoutArg = ...) -> None:
+    async def execute_message(
+        self, message: Mapping[str, Any], *, timeout: TimeoutArg = CLIENT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Send a command given as a QMP message (`{"execute": ..., "arguments":
+        ...}`) and return QEMU's response as a message: `{"return": ...}` or
+        `{"error": {"class", "desc"}}`, never raising for an error reply. For
+        code written against raw QMP messages."""
+        name, arguments, oob = message_command(message)
+        deadline = self._deadline(timeout)
+        self._check_open()
+        id_, data = self._core.send_command(name, arguments, oob=oob)
+        return reply_message(await self._roundtrip(id_, data, (), deadline, name))
+
+    async def pass_fd(self, fd: int, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> None:
+        """Send `fd` alone (SCM_RIGHTS on a whitespace byte); QEMU keeps it for
+        the next `getfd` / `add-fd` on this connection. (Writes are buffered:
+        this never waits, `timeout` is accepted for parity with `QMPClient`.)"""
+        fds = (_transport.check_fd(fd),)
+        self._deadline(timeout)  # validates
+        self._check_open()
+        self._write(b" ", fds, "an fd")
+
+    async def send_fd(self, fd: int, fdname: str, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> None:
         """Pass `fd` to QEMU under `fdname` (SCM_RIGHTS + `getfd`)."""
         fds = (_transport.check_fd(fd),)
         await self._execute("getfd", {"fdname": fdname}, False, fds, timeout)
@@ -155,7 +196,7 @@ class AsyncQMPClient(ClientBase):
         *,
         fdset_id: int | None = None,
         opaque: str | None = None,
-        timeout: TimeoutArg = ...,
+        timeout: TimeoutArg = CLIENT_TIMEOUT,
     ) -> dict[str, Any]:
         """Add `fd` to an fd set (`add-fd`); returns `{"fdset-id": N, "fd": M}`."""
         args: dict[str, Any] = {}
@@ -167,7 +208,7 @@ class AsyncQMPClient(ClientBase):
         result: dict[str, Any] = await self._execute("add-fd", args, False, fds, timeout)
         return result
 
-    async def fetch_schema(self, *, timeout: TimeoutArg = ...) -> Schema:
+    async def fetch_schema(self, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> Schema:
         """QEMU's `query-qmp-schema`, fetched once per connection."""
         if self.schema is None:
             entries = await self._execute("query-qmp-schema", None, False, (), timeout)
@@ -186,12 +227,15 @@ class AsyncQMPClient(ClientBase):
         deadline = self._deadline(timeout)
         self._check_open()
         id_, data = self._core.send_command(name, arguments, oob=oob)
-        return await self._roundtrip(id_, data, fds, deadline, name)
+        reply = await self._roundtrip(id_, data, fds, deadline, name)
+        if type(reply) is Reply:
+            return reply.value
+        raise reply.error()  # type: ignore[union-attr]
 
     async def _roundtrip(
         self, id_: int, data: bytes, fds: Sequence[int], deadline: Deadline, name: str
-    ) -> Any:
-        fut: asyncio.Future[Any] = self._loop.create_future()
+    ) -> Reply | ErrorReply:
+        fut: asyncio.Future[Reply | ErrorReply] = self._loop.create_future()
         self._waiters[id_] = fut
         try:
             self._write(data, fds, name)
@@ -204,22 +248,40 @@ class AsyncQMPClient(ClientBase):
         self, fut: asyncio.Future[_T], deadline: Deadline, what: str, fatal: bool
     ) -> _T:
         """Await `fut` until `deadline`; on timeout fail it with `Timeout` and,
-        if `fatal`, break the connection (an unanswered command poisons it)."""
-        remaining = deadline.remaining()
-        if remaining is None or fut.done():
+        if `fatal`, break the connection (an unanswered command poisons it).
+
+        One loop timer serves every wait (armed for the earliest deadline,
+        re-armed when it fires): a timer per command would cost more than
+        the command's own round trip handling."""
+        at = deadline.at
+        if at is None or fut.done():
             return await fut
-
-        def expire() -> None:
-            if not fut.done():
-                fut.set_exception(Timeout(what, deadline.timeout))
-                if fatal:
-                    self._lost(f"no answer within {deadline.timeout:g} s while waiting for {what}")
-
-        handle = self._loop.call_later(remaining, expire)
+        key = object()  # not `fut`: two calls may await one future (the greeting)
+        self._timed[key] = (fut, at, deadline.timeout, what, fatal)
+        if self._timer is None or at < self._timer_at:
+            self._arm(at)
         try:
             return await fut
         finally:
-            handle.cancel()
+            del self._timed[key]
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_later(max(0.0, at - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        for fut, at, timeout, what, fatal in list(self._timed.values()):
+            if at <= now and not fut.done():
+                fut.set_exception(Timeout(what, timeout))
+                if fatal:
+                    self._lost(f"no answer within {timeout:g} s while waiting for {what}")
+        pending = [at for fut, at, *_ in self._timed.values() if not fut.done()]
+        if pending and self._sock is not None:
+            self._arm(min(pending))
 
     # -- writing ----------------------------------------------------------
 
@@ -234,15 +296,10 @@ class AsyncQMPClient(ClientBase):
             sent = _transport.sendmsg_fds(sock, data, fds) if fds else sock.send(data)
         except BlockingIOError:
             sent = 0
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            reason = "QEMU quit" if self._core.quit_sent else "the peer closed it"
-            self._lost(reason)
-            raise Disconnected(
-                f"QMP connection to {self.name} closed ({reason}) while sending {name!r}"
-            ) from exc
         except OSError as exc:
-            self._lost(f"sending {name!r} failed: {exc}")
-            raise Disconnected(f"cannot send {name!r} to {self.name}: {exc}") from exc
+            reason, err = send_failed(exc, name, self._core.quit_sent, self.name)
+            self._lost(reason)
+            raise err from exc
         if sent < len(data):
             self._wbuf.append((memoryview(data)[sent:], () if sent else fds))
             self._loop.add_writer(self._fd, self._on_writable)
@@ -267,42 +324,48 @@ class AsyncQMPClient(ClientBase):
 
     # -- reading ----------------------------------------------------------
 
-    def _on_readable(self) -> None:
+    def _on_readable(self) -> bool:
+        """Read and dispatch one chunk; returns whether the connection is still
+        open and gave data."""
         sock = self._sock
         if sock is None:
-            return
+            return False
         try:
             data = sock.recv(_RECV)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except (ConnectionResetError, BrokenPipeError):
             data = b""  # the peer went away with our data unread: same as EOF
         except OSError as exc:
             self._lost(f"receive failed: {exc}")
-            return
-        if not data:
-            self._lost("QEMU quit" if self._core.quit_sent else "the peer closed it")
-            return
-        try:
+            return False
+        try:  # b"" (end of stream) too: the core judges it (ConnectionLost)
             items = self._core.receive_data(data)
         except ProtocolError as exc:
             self._dispatch(exc.items)
             self._lost(f"protocol error: {exc}", exc)
-            return
+            return False
         self._dispatch(items)
+        return bool(data)
+
+    async def poll_events(self) -> None:
+        """Read whatever QEMU has already sent (events), without waiting. The
+        loop reads as data arrives anyway; this catches up with what a busy
+        loop has not read yet (bounded, so a flooding peer cannot pin it)."""
+        for _ in range(_POLL_BURST):
+            if not self._on_readable():
+                return
 
     def _dispatch(self, items: list[Item]) -> None:
         for item in items:
-            if isinstance(item, Reply):
+            if isinstance(item, (Reply, ErrorReply)):
                 fut = self._waiters.pop(item.id, None)
                 if fut is not None and not fut.done():
-                    fut.set_result(item.value)
-            elif isinstance(item, ErrorReply):
-                fut = self._waiters.pop(item.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(item.error())
+                    fut.set_result(item)
             elif isinstance(item, Event):
                 self._on_event(item)
+            elif isinstance(item, ConnectionLost):
+                self._lost(item.reason)
             elif not self._greeting.done():
                 self._greeting.set_result(item)
 
@@ -322,7 +385,7 @@ class AsyncQMPClient(ClientBase):
         name: NameFilter = None,
         match: Mapping[str, Any] | None = None,
         *,
-        timeout: TimeoutArg = ...,
+        timeout: TimeoutArg = CLIENT_TIMEOUT,
     ) -> Event:
         """Return (and consume) the oldest event matching `name`/`match`,
         waiting for one if none has arrived yet."""
@@ -350,7 +413,7 @@ class AsyncQMPClient(ClientBase):
                 self._event_waiters.remove(waiter)
         return event
 
-    def events(self, *, timeout: TimeoutArg = ...) -> _EventIterator:
+    def events(self, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> _EventIterator:
         """`async for` over events as they arrive (consuming them) until the
         connection closes; each wait is bounded by `timeout` (raises `Timeout`)."""
         return _EventIterator(self, timeout)
@@ -374,8 +437,10 @@ class AsyncQMPClient(ClientBase):
             self._wbuf.clear()
             self._loop.remove_writer(self._fd)
         sock.close()
-        quit_id = self._core.quit_id if error is None else None
         self._core.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
         def gone(what: str) -> QMPError:
             if isinstance(error, ProtocolError):  # what the blocking client raises too
@@ -387,12 +452,8 @@ class AsyncQMPClient(ClientBase):
             return exc
 
         waiters, self._waiters = self._waiters, {}
-        for id_, fut in waiters.items():
-            if fut.done():
-                continue
-            if id_ == quit_id:
-                fut.set_result({})  # QEMU went away before answering quit: success
-            else:
+        for fut in waiters.values():
+            if not fut.done():
                 fut.set_exception(gone("before the reply came"))
         if not self._greeting.done():
             self._greeting.set_exception(gone("before the greeting"))
@@ -452,39 +513,25 @@ class _EventIterator:
             raise StopAsyncIteration from None
 
 
-async def _connect(address: _transport.Address, deadline: Deadline, name: str) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    errors: list[str] = []
-    for family, sockaddr in _transport.targets(address):
-        infos: list[tuple[int, Any]]
-        if family == socket.AF_UNIX:
-            infos = [(family, sockaddr)]
-        else:
-            assert isinstance(sockaddr, tuple)
-            host, port = sockaddr
-            try:
-                infos = [
-                    (fam, sa)
-                    for fam, _, _, _, sa in await loop.getaddrinfo(
-                        host, port, family=family, type=socket.SOCK_STREAM
-                    )
-                ]
-            except OSError as exc:
-                errors.append(f"{host}: {exc}")
-                continue
-        for fam, sa in infos:
-            sock = socket.socket(fam, socket.SOCK_STREAM)
+class _Connector:
+    """The asyncio primitives of `connect_plan`."""
+
+    async def resolve(self, host: str, port: int, family: int) -> list[tuple[int, Any]]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, family=family, type=socket.SOCK_STREAM
+        )
+        return [(fam, sa) for fam, _, _, _, sa in infos]
+
+    async def connect(self, family: int, sockaddr: Any, deadline: Deadline) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
             sock.setblocking(False)
-            try:
-                await asyncio.wait_for(loop.sock_connect(sock, sa), deadline.remaining())
-                return sock
-            except asyncio.TimeoutError:
-                sock.close()
-                raise Timeout(f"connecting to {name}", deadline.timeout) from None
-            except OSError as exc:
-                sock.close()
-                errors.append(f"{sa}: {exc.strerror or exc}")
-            except BaseException:
-                sock.close()
-                raise
-    raise Disconnected(f"cannot connect to QMP at {name}: " + "; ".join(errors))
+            connecting = asyncio.get_running_loop().sock_connect(sock, sockaddr)
+            await asyncio.wait_for(connecting, deadline.remaining())
+        except asyncio.TimeoutError:
+            sock.close()
+            raise Timeout("connecting", deadline.timeout) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock

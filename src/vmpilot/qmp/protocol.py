@@ -1,17 +1,23 @@
 """QMP as a pure state machine: bytes in, parsed items out; commands in, bytes out.
 
 No sockets, no clock, no threads, so that every rule of the protocol lives once
-and can be fuzzed. Anything malformed raises `ProtocolError` and nothing else;
-the connection is then broken for good (a peer that sent garbage cannot be
-trusted to frame the next message correctly).
+and can be fuzzed. Anything malformed, whatever its shape (integers wider than
+QEMU's 64 bits included), raises `ProtocolError` and nothing else; the
+connection is then broken for good (a peer that sent garbage cannot be trusted
+to frame the next message correctly). End of stream is judged here too, as
+h11 and wsproto do: `receive_data(b"")` gives a `ConnectionLost` (clean after
+`quit`, whose reply QEMU's leaving stands for), so the drivers never re-decide
+it. Items are frozen dataclasses: shared between threads and listeners, none
+can alter what another sees.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 
 from ..errors import CommandError, Disconnected, ProtocolError, QMPError
 
@@ -19,6 +25,8 @@ DEFAULT_MAX_LINE = 64 * 1024 * 1024
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _loads = json.JSONDecoder().decode
+# the C scanner without decode()'s wrapping (typeshed does not list the attribute)
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 class State(enum.Enum):
@@ -29,89 +37,79 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_INT64 = 1 << 63  # QEMU's integers are 64-bit: anything wider is not QEMU talking
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return type(value) is int and -_INT64 <= value < _INT64
+
+
+@dataclass(frozen=True, slots=True)
 class Greeting:
     """The server's hello: its version and the capabilities it offers."""
 
-    __slots__ = ("capabilities", "raw", "version")
-
-    def __init__(self, version: dict[str, Any], capabilities: tuple[str, ...], raw: dict[str, Any]):
-        self.version = version
-        self.capabilities = capabilities
-        self.raw = raw
-
-    @property
-    def qemu_version(self) -> tuple[int, int, int]:
-        q = self.version.get("qemu", {})
-        try:
-            return (int(q["major"]), int(q["minor"]), int(q["micro"]))
-        except (KeyError, TypeError, ValueError):
-            return (0, 0, 0)
+    version: dict[str, Any]
+    capabilities: tuple[str, ...]
+    raw: dict[str, Any] = field(repr=False)
+    qemu_version: tuple[int, int, int] = (0, 0, 0)
+    """(major, minor, micro); (0, 0, 0) when the server did not say."""
 
     def __repr__(self) -> str:
         return f"Greeting(qemu={self.qemu_version}, capabilities={list(self.capabilities)})"
 
 
+@dataclass(frozen=True, slots=True)
 class Reply:
     """A successful answer to command `id`."""
 
-    __slots__ = ("command", "id", "value")
-
-    def __init__(self, id: int, value: Any, command: str):
-        self.id = id
-        self.value = value
-        self.command = command
-
-    def __repr__(self) -> str:
-        return f"Reply(id={self.id}, command={self.command!r}, value={self.value!r})"
+    id: int
+    value: Any
+    command: str
 
 
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     """An error answer to command `id`; `error()` makes the matching exception."""
 
-    __slots__ = ("arguments", "command", "desc", "error_class", "id")
-
-    def __init__(
-        self, id: int, error_class: str, desc: str, command: str, arguments: dict[str, Any] | None
-    ):
-        self.id = id
-        self.error_class = error_class
-        self.desc = desc
-        self.command = command
-        self.arguments = arguments
+    id: int
+    error_class: str
+    desc: str
+    command: str
+    arguments: dict[str, Any] | None
 
     def error(self) -> CommandError:
         return CommandError(self.command, self.arguments, self.error_class, self.desc)
 
-    def __repr__(self) -> str:
-        return (
-            f"ErrorReply(id={self.id}, command={self.command!r}, {self.error_class}: {self.desc})"
-        )
 
-
+@dataclass(frozen=True, slots=True)
 class Event:
-    """An asynchronous event; `timestamp` is QEMU's clock in seconds (float)."""
+    """An asynchronous event, with QEMU's own timestamp (`seconds`, `microseconds`
+    since the epoch, as QEMU sent them); `timestamp` is the same as a float."""
 
-    __slots__ = ("data", "name", "timestamp")
+    name: str
+    data: dict[str, Any]
+    seconds: int
+    microseconds: int
 
-    def __init__(self, name: str, data: dict[str, Any], timestamp: float):
-        self.name = name
-        self.data = data
-        self.timestamp = timestamp
+    @property
+    def timestamp(self) -> float:
+        return self.seconds + self.microseconds / 1e6
 
     def __repr__(self) -> str:
         return f"Event({self.name!r}, {self.data!r}, timestamp={self.timestamp:.6f})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Event) and (self.name, self.data, self.timestamp) == (
-            other.name,
-            other.data,
-            other.timestamp,
-        )
 
-    __hash__ = None  # type: ignore[assignment]
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    """End of stream, as the core judges it: `clean` when QEMU closed after
+    `quit` was sent (the quit itself is then answered by a synthetic `Reply`
+    just before this item); otherwise the peer went away unasked."""
+
+    clean: bool
+    reason: str
 
 
-Item = Greeting | Reply | ErrorReply | Event
+Item = Greeting | Reply | ErrorReply | Event | ConnectionLost
 
 
 class _Pending:
@@ -146,6 +144,7 @@ class QMPProtocol:
         self._negotiate_id = -1
         self._partial = bytearray()
         self._error: ProtocolError | None = None
+        self._heads: dict[tuple[str, bool], bytes] = {}
 
     # -- outgoing ---------------------------------------------------------
 
@@ -189,22 +188,36 @@ class QMPProtocol:
         if arguments is not None and not isinstance(arguments, Mapping):
             raise TypeError(f"arguments of {name!r} must be a mapping, not {type(arguments)}")
         id_ = self._next_id
-        msg: dict[str, Any] = {"exec-oob" if oob else "execute": name}
+        # `{"execute":<name>,"arguments":<args>,"id":<id>}` spliced from cached
+        # parts: the same bytes json would make, for a fraction of the cost
+        head = self._heads.get((name, oob))
+        if head is None:
+            head = (('{"exec-oob":' if oob else '{"execute":') + _dumps(name)).encode()
+            if len(self._heads) < 256:
+                self._heads[(name, oob)] = head
         args = None
         if arguments:
             args = dict(arguments)
-            msg["arguments"] = args
-        msg["id"] = id_
-        try:
-            data = _dumps(msg).encode() + b"\n"
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"arguments of {name!r} are not JSON-serialisable: {exc}") from None
+            try:
+                encoded = _dumps(args)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"arguments of {name!r} are not JSON-serialisable: {exc}") from None
+            data = b'%s,"arguments":%s,"id":%d}\n' % (head, encoded.encode(), id_)
+        else:
+            data = b'%s,"id":%d}\n' % (head, id_)
         self._next_id = id_ + 1
         self._pending[id_] = _Pending(name, args)
         if name == "quit":
             self.quit_sent = True
             self.quit_id = id_
         return id_, data
+
+    def unsend(self, id_: int) -> None:
+        """Take back command `id_` whose bytes never left (its send timed out
+        before the first byte): as if `send_command` had not been called."""
+        if self._pending.pop(id_, None) is not None and id_ == self.quit_id:
+            self.quit_sent = False
+            self.quit_id = None
 
     def abandon(self, id_: int) -> None:
         """Forget command `id_`: its reply, if it ever comes, is dropped silently."""
@@ -232,6 +245,10 @@ class QMPProtocol:
     def receive_data(self, data: bytes) -> list[Item]:
         """Parse `data` (any split of the stream) into complete items.
 
+        `b""` means end of stream: the result ends with a `ConnectionLost`
+        (after a synthetic `Reply` to `quit` if quit was sent and unanswered:
+        QEMU leaving is its answer) and the connection is closed.
+
         On a violation raises `ProtocolError`; its `items` attribute holds the
         items that were complete before the bad one, so a driver can still
         deliver them.
@@ -240,6 +257,8 @@ class QMPProtocol:
             raise self._error
         if self.state is State.CLOSED:
             return []
+        if not data:
+            return self._end_of_stream()
         items: list[Item] = []
         start = 0
         try:
@@ -271,6 +290,20 @@ class QMPProtocol:
             raise
         return items
 
+    def _end_of_stream(self) -> list[Item]:
+        items: list[Item] = []
+        if self.quit_sent:
+            quit_id = self.quit_id
+            if quit_id is not None and quit_id in self._pending:
+                items.append(Reply(quit_id, {}, "quit"))
+                del self._pending[quit_id]
+            items.append(ConnectionLost(True, "QEMU quit"))
+        else:
+            items.append(ConnectionLost(False, "the peer closed it"))
+        self._partial.clear()
+        self.close()
+        return items
+
     def _check_partial(self) -> None:
         if len(self._partial) > self.max_line:
             raise ProtocolError(
@@ -281,12 +314,22 @@ class QMPProtocol:
         if len(line) > self.max_line:
             raise ProtocolError(f"message longer than the {self.max_line}-byte limit", line)
         try:
-            msg = _loads(line.decode())
+            text = line.decode()
         except UnicodeDecodeError:
             raise ProtocolError("message is not valid UTF-8", line) from None
+        try:  # fast path: an object from the first byte, then only whitespace (\r)
+            msg, end = _scan(text, 0)
+            rest = len(text) - end
+            if rest and not (rest == 1 and text[end] == "\r") and text[end:].strip():
+                raise ValueError("extra data")
+        except StopIteration:  # not at position 0: let the full decoder judge
+            try:
+                msg = _loads(text)
+            except (ValueError, RecursionError):
+                if not line.strip():
+                    return  # blank line between messages: harmless
+                raise ProtocolError("message is not valid JSON", line) from None
         except (ValueError, RecursionError):
-            if not line.strip():
-                return  # blank line between messages: harmless
             raise ProtocolError("message is not valid JSON", line) from None
         if type(msg) is not dict:
             raise ProtocolError("message is not a JSON object", line)
@@ -312,7 +355,14 @@ class QMPProtocol:
             raise ProtocolError("malformed greeting", line)
         if not all(type(c) is str for c in caps):
             raise ProtocolError("malformed greeting capabilities", line)
-        self.greeting = Greeting(version, tuple(caps), msg)
+        qemu = version.get("qemu", {})
+        triple = (0, 0, 0)
+        if type(qemu) is dict and qemu:
+            parts = (qemu.get("major"), qemu.get("minor"), qemu.get("micro"))
+            if not all(_is_int(p) for p in parts):
+                raise ProtocolError("malformed greeting version", line)
+            triple = parts  # type: ignore[assignment]
+        self.greeting = Greeting(version, tuple(caps), msg, triple)
         self.state = State.GREETED
         return self.greeting
 
@@ -354,6 +404,6 @@ class QMPProtocol:
         if type(name) is not str or type(data) is not dict or type(ts) is not dict:
             raise ProtocolError("malformed event", line)
         sec, usec = ts.get("seconds"), ts.get("microseconds")
-        if type(sec) is not int or type(usec) is not int:
+        if not _is_int(sec) or not _is_int(usec):
             raise ProtocolError("malformed event timestamp", line)
-        return Event(name, data, sec + usec / 1e6)
+        return Event(name, data, sec, usec)

@@ -1,28 +1,57 @@
-"""A blocking QMP client: one socket, no threads, no event loop.
+"""A blocking QMP client: one socket, no threads of its own, no event loop.
 
 It reads only while a call waits (for a reply or an event), so an idle client
-costs nothing. Thread-safe: calls are serialised by a lock, and `close()` from
-another thread wakes a blocked call at once.
+costs nothing. Thread-safe by a leader/follower scheme: at most one waiting
+thread reads the socket (the reader); the others wait on a condition, each
+with its own deadline, and whichever call finds the reader role free takes
+it. Every chunk read is dispatched for all (replies by id, events to the
+queue), so a command issued while another thread waits for an event
+completes in one round trip. Sends are serialised by their own lock. No lock
+is held across a blocking system call except that send lock, and its wait
+is bounded by the caller's deadline; `close()` from any thread wakes every
+call at once.
+
+The socket stays in blocking mode and a command costs what it costs a plain
+blocking client, two system calls: `send(MSG_DONTWAIT)` and `recv`, the
+latter bounded by the kernel's receive timeout (SO_RCVTIMEO), kept within
+the deadline and changed only when it must be (see `_fit_rcvtimeo`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import select
 import socket
+import struct
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from .._util.deadline import Deadline
+from .._util.plan import run
 from ..errors import Disconnected, ProtocolError, Timeout
 from . import _transport
-from ._client import CONNECT_TIMEOUT, DEFAULT_TIMEOUT, ClientBase, TimeoutArg
+from ._client import (
+    CLIENT_TIMEOUT,
+    CONNECT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    ClientBase,
+    TimeoutArg,
+    connect_plan,
+    message_command,
+    reply_message,
+    send_failed,
+)
 from .events import NameFilter, describe
-from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, Item, Reply
+from .protocol import DEFAULT_MAX_LINE, ConnectionLost, ErrorReply, Event, Greeting, Item, Reply
 from .schema import Schema
 
 _RECV = 65536
+_TIMEVAL = struct.Struct("@ll")  # struct timeval
+_POLL_BURST = 64  # poll_events reads at most this many chunks (a flooding peer cannot pin it)
+_T = TypeVar("_T")
 
 
 class QMPClient(ClientBase):
@@ -44,8 +73,16 @@ class QMPClient(ClientBase):
     ) -> None:
         super().__init__(sock, timeout=timeout, history=history, max_line=max_line, name=name)
         self._replies: dict[int, Reply | ErrorReply] = {}
-        self._lock = threading.Lock()
+        self._mutex = threading.Lock()  # guards all state; never held across a blocking call
+        self._cond = threading.Condition(self._mutex)  # "something arrived / the reader left"
+        self._send_lock = threading.Lock()  # one message on the wire at a time
+        self._reading = False  # a thread is the reader (in recv, without _mutex)
+        self._followers = 0  # threads waiting on _cond (notified only if any)
+        self._users = 0  # senders using the fd outside _mutex (and the reader, if _reading)
+        self._shut: socket.socket | None = None  # closed connection, fd still in use
+        self._broken: ProtocolError | None = None
         sock.setblocking(True)
+        self._rcvtimeo = 0.0  # SO_RCVTIMEO now (0: none); see _fit_rcvtimeo
 
     # -- connecting -------------------------------------------------------
 
@@ -71,35 +108,39 @@ class QMPClient(ClientBase):
         if isinstance(address, (socket.socket, int)):
             sock = _transport.adopt(address)
         else:
-            sock = _connect(address, deadline, name)
+            sock = run(connect_plan(address, deadline, name), _Connector)
         client = cls(sock, timeout=timeout, history=history, max_line=max_line, name=name)
         try:
-            client.read_greeting(timeout=deadline.remaining())
+            client.read_greeting(timeout=deadline)
             if negotiate:
-                client.negotiate(oob=oob, timeout=deadline.remaining())
+                client.negotiate(oob=oob, timeout=deadline)
             if validate:
-                client.fetch_schema(timeout=deadline.remaining())
+                client.fetch_schema(timeout=deadline)
                 client.validate = True
         except BaseException:
             client.close()
             raise
         return client
 
-    def read_greeting(self, *, timeout: TimeoutArg = ...) -> Greeting:
-        with self._lock:
-            deadline = self._deadline(timeout)
-            while self._core.greeting is None:
-                self._receive(deadline, f"the QMP greeting from {self.name}", fatal=True)
-            return self._core.greeting
+    def read_greeting(self, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> Greeting:
+        core = self._core
+        return self._await(
+            lambda: core.greeting,
+            self._deadline(timeout),
+            lambda: f"the QMP greeting from {self.name}",
+            True,
+        )
 
-    def negotiate(self, *, oob: bool = False, timeout: TimeoutArg = ...) -> None:
+    def negotiate(self, *, oob: bool = False, timeout: TimeoutArg = CLIENT_TIMEOUT) -> None:
         """Send `qmp_capabilities` (enabling OOB if asked) and wait for the answer."""
-        if self._core.greeting is None:
-            self.read_greeting(timeout=timeout)
-        with self._lock:
-            self._check_open()
-            id_, data = self._core.negotiate(["oob"] if oob else [])
-            self._roundtrip(id_, data, (), self._deadline(timeout), "qmp_capabilities")
+        deadline = self._deadline(timeout)
+        self.read_greeting(timeout=deadline)
+        enable = ["oob"] if oob else []
+        reply = self._roundtrip(
+            lambda: self._core.negotiate(enable), (), deadline, "qmp_capabilities"
+        )
+        if isinstance(reply, ErrorReply):
+            raise reply.error()
 
     # -- commands ---------------------------------------------------------
 
@@ -108,7 +149,7 @@ class QMPClient(ClientBase):
         name: str,
         arguments: Mapping[str, Any] | None = None,
         *,
-        timeout: TimeoutArg = ...,
+        timeout: TimeoutArg = CLIENT_TIMEOUT,
     ) -> Any:
         """Run command `name`; return its `return` value or raise `CommandError`."""
         return self._execute(name, arguments, False, (), timeout)
@@ -118,12 +159,27 @@ class QMPClient(ClientBase):
         name: str,
         arguments: Mapping[str, Any] | None = None,
         *,
-        timeout: TimeoutArg = ...,
+        timeout: TimeoutArg = CLIENT_TIMEOUT,
     ) -> Any:
         """Run `name` out-of-band (needs `oob=True` at connect)."""
         return self._execute(name, arguments, True, (), timeout)
 
-    def send_fd(self, fd: int, fdname: str, *, timeout: TimeoutArg = ...) -> None:
+    def execute_message(
+        self, message: Mapping[str, Any], *, timeout: TimeoutArg = CLIENT_TIMEOUT
+    ) -> dict[str, Any]:
+        """Send a command given as a QMP message (`{"execute": ..., "arguments":
+        ...}`) and return QEMU's response as a message: `{"return": ...}` or
+        `{"error": {"class", "desc"}}`, never raising for an error reply. For
+        code written against raw QMP messages."""
+        name, arguments, oob = message_command(message)
+        deadline = self._deadline(timeout)
+        core = self._core
+        reply = self._roundtrip(
+            lambda: core.send_command(name, arguments, oob=oob), (), deadline, name
+        )
+        return reply_message(reply)
+
+    def send_fd(self, fd: int, fdname: str, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> None:
         """Pass `fd` to QEMU under `fdname` (SCM_RIGHTS + `getfd`)."""
         self._execute("getfd", {"fdname": fdname}, False, (_transport.check_fd(fd),), timeout)
 
@@ -133,7 +189,7 @@ class QMPClient(ClientBase):
         *,
         fdset_id: int | None = None,
         opaque: str | None = None,
-        timeout: TimeoutArg = ...,
+        timeout: TimeoutArg = CLIENT_TIMEOUT,
     ) -> dict[str, Any]:
         """Add `fd` to an fd set (`add-fd`); returns `{"fdset-id": N, "fd": M}`."""
         args: dict[str, Any] = {}
@@ -146,7 +202,13 @@ class QMPClient(ClientBase):
         )
         return result
 
-    def fetch_schema(self, *, timeout: TimeoutArg = ...) -> Schema:
+    def pass_fd(self, fd: int, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> None:
+        """Send `fd` alone (SCM_RIGHTS on a whitespace byte); QEMU keeps it for
+        the next `getfd` / `add-fd` on this connection."""
+        fds = (_transport.check_fd(fd),)
+        self._send(lambda: (None, b" "), fds, self._deadline(timeout), "an fd")
+
+    def fetch_schema(self, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> Schema:
         """QEMU's `query-qmp-schema`, fetched once per connection."""
         if self.schema is None:
             self.schema = Schema(self._execute("query-qmp-schema", None, False, (), timeout))
@@ -160,132 +222,221 @@ class QMPClient(ClientBase):
         fds: Sequence[int],
         timeout: TimeoutArg,
     ) -> Any:
-        self._check_command(name, arguments)
+        if self.validate:
+            self._check_command(name, arguments)
         deadline = self._deadline(timeout)
-        with self._lock:
-            self._check_open()
-            id_, data = self._core.send_command(name, arguments, oob=oob)
-            return self._roundtrip(id_, data, fds, deadline, name)
+        core = self._core
+        reply = self._roundtrip(
+            lambda: core.send_command(name, arguments, oob=oob), fds, deadline, name
+        )
+        if type(reply) is Reply:
+            return reply.value
+        raise reply.error()  # type: ignore[union-attr]
 
     def _roundtrip(
-        self, id_: int, data: bytes, fds: Sequence[int], deadline: Deadline, name: str
-    ) -> Any:
-        reply = self._roundtrip_item(id_, data, fds, deadline, name)
-        if isinstance(reply, Reply):
-            return reply.value
-        raise reply.error()
-
-    def _roundtrip_item(
-        self, id_: int, data: bytes, fds: Sequence[int], deadline: Deadline, name: str
+        self,
+        encode: Callable[[], tuple[int, bytes]],
+        fds: Sequence[int],
+        deadline: Deadline,
+        name: str,
     ) -> Reply | ErrorReply:
-        self._send(data, fds, name)
+        id_: int = self._send(encode, fds, deadline, name)
         replies = self._replies
-        while True:
-            reply = replies.pop(id_, None)
-            if reply is not None:
-                return reply
-            try:
-                self._receive(deadline, f"the reply to {name!r}", fatal=True)
-            except Disconnected:
-                if name == "quit" and self._core.quit_sent:
-                    return Reply(id_, {}, name)  # QEMU left before answering quit: success
-                raise
 
-    def execute_message(
-        self, message: Mapping[str, Any], *, timeout: TimeoutArg = ...
-    ) -> dict[str, Any]:
-        """Send a command given as a QMP message (`{"execute": ..., "arguments":
-        ...}`) and return QEMU's response as a message: `{"return": ...}` or
-        `{"error": {"class", "desc"}}`, never raising for an error reply. For
-        code written against raw QMP messages."""
-        oob = "exec-oob" in message
-        name = message.get("exec-oob" if oob else "execute")
-        if not isinstance(name, str):
-            raise TypeError(f'a QMP message needs "execute": "<name>", not {message!r}')
-        deadline = self._deadline(timeout)
-        with self._lock:
-            self._check_open()
-            id_, data = self._core.send_command(name, message.get("arguments"), oob=oob)
-            reply = self._roundtrip_item(id_, data, (), deadline, name)
-        if isinstance(reply, Reply):
-            return {"return": reply.value}
-        return {"error": {"class": reply.error_class, "desc": reply.desc}}
+        def arrived() -> Reply | ErrorReply | None:
+            return replies.pop(id_, None)
 
-    def pass_fd(self, fd: int) -> None:
-        """Send `fd` alone (SCM_RIGHTS on a whitespace byte); QEMU keeps it for
-        the next `getfd` / `add-fd` on this connection."""
-        _transport.check_fd(fd)
-        with self._lock:
-            self._check_open()
-            self._send(b" ", (fd,), "an fd")
+        reply = self._await(arrived, deadline, lambda: f"the reply to {name!r}", True)
+        return cast("Reply | ErrorReply", reply)
 
     def poll_events(self) -> None:
         """Read whatever QEMU has already sent (events), without waiting."""
-        with self._lock:
-            if self._sock is None:
-                return
-            with contextlib.suppress(Timeout):
-                while True:
-                    self._receive(Deadline(0), "nothing", fatal=False)
+        with self._mutex:
+            for _ in range(_POLL_BURST):
+                if self._sock is None or self._reading or not self._read(0):
+                    return
 
-    def _send(self, data: bytes, fds: Sequence[int], name: str) -> None:
+    # -- sending ----------------------------------------------------------
+
+    def _send(
+        self,
+        encode: Callable[[], tuple[int | None, bytes]],
+        fds: Sequence[int],
+        deadline: Deadline,
+        name: str,
+    ) -> Any:
+        """Encode (under the state lock, so ids go out in order) and send one
+        message; returns its id. A deadline that passes before the first byte
+        left takes the command back (`Timeout`, the connection stays usable);
+        one that passes half-way through breaks the connection."""
+        send_lock = self._send_lock
+        if not send_lock.acquire(False):
+            remaining = deadline.remaining()
+            if not send_lock.acquire(timeout=-1 if remaining is None else remaining):
+                raise Timeout(f"sending {name!r} (another thread is sending)", deadline.timeout)
+        try:
+            with self._mutex:
+                sock = self._sock
+                if sock is None:
+                    raise self._gone(f"sending {name!r}")
+                id_, data = encode()
+                self._users += 1
+            try:
+                try:  # the common case inline: all of it at once
+                    sent = -1 if fds else sock.send(data, socket.MSG_DONTWAIT)
+                except OSError:
+                    sent = -1  # the slow path retries and reports it
+                if sent != len(data):
+                    self._send_bytes(sock, data, fds, deadline, name, id_, max(sent, 0))
+            finally:
+                with self._mutex:
+                    self._leave()
+        finally:
+            send_lock.release()
+        return id_
+
+    def _send_bytes(
+        self,
+        sock: socket.socket,
+        data: bytes,
+        fds: Sequence[int],
+        deadline: Deadline,
+        name: str,
+        id_: int | None,
+        sent: int,
+    ) -> None:
+        while True:
+            try:
+                if fds and not sent:
+                    sent = _transport.sendmsg_fds(sock, data, fds, socket.MSG_DONTWAIT)
+                else:
+                    sent += sock.send(data[sent:] if sent else data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                with self._mutex:
+                    if self._closed_reason is not None:
+                        raise self._gone(f"sending {name!r}") from exc
+                    reason, err = send_failed(exc, name, self._core.quit_sent, self.name)
+                    self._lost(reason)
+                raise err from exc
+            if sent == len(data):
+                return
+            if _writable(sock, deadline):
+                continue
+            with self._mutex:
+                if not sent:
+                    if id_ is not None:
+                        self._core.unsend(id_)
+                else:
+                    self._lost(f"sending {name!r} timed out half-way through")
+            raise Timeout(f"sending {name!r}", deadline.timeout)
+
+    # -- waiting and reading ----------------------------------------------
+
+    def _await(
+        self,
+        check: Callable[[], _T | None],
+        deadline: Deadline,
+        what: Callable[[], str],
+        fatal: bool,
+    ) -> _T:
+        """Wait until `check()` (called under the state lock) returns a result,
+        reading the socket if no other thread is. `fatal`: running out of time
+        breaks the connection (a command sent was left without its reply, so
+        the stream can no longer be trusted)."""
+        with self._mutex:
+            waited = drained = False
+            while True:
+                found = check()
+                if found is not None:
+                    return found
+                if self._sock is None:
+                    raise self._gone(what(), waited)
+                remaining = deadline.remaining()
+                if remaining == 0:
+                    if not drained and not self._reading:
+                        drained = True  # once: what the kernel already holds has arrived
+                        self._read(0)
+                        continue
+                    awaited = what()
+                    if fatal:
+                        self._lost(
+                            f"no answer within {deadline.timeout:g} s while waiting for {awaited}"
+                        )
+                    raise Timeout(awaited, deadline.timeout)
+                if self._reading:
+                    self._followers += 1
+                    try:
+                        self._cond.wait(remaining)
+                    finally:
+                        self._followers -= 1
+                else:
+                    self._read(remaining)
+                waited = True
+
+    def _read(self, remaining: float | None) -> bool:
+        """As the reader: wait for data for `remaining` seconds (None: no
+        limit, 0: only what is there) and dispatch it.
+        Called and returns with `_mutex` held; releases it while in the
+        kernel. Returns whether anything was read."""
         sock = self._sock
         assert sock is not None
+        self._reading = True  # counts as a user of the fd (see _lost)
+        data: bytes | None = None
+        error: OSError | None = None
+        self._mutex.release()
         try:
-            if fds:
-                sent = _transport.sendmsg_fds(sock, data, fds)
-                if sent < len(data):
-                    sock.sendall(data[sent:])
+            if remaining == 0:
+                data = sock.recv(_RECV, socket.MSG_DONTWAIT)
             else:
-                sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            reason = "QEMU quit" if self._core.quit_sent else "the peer closed it"
-            self._lost(reason)
-            raise Disconnected(
-                f"QMP connection to {self.name} closed ({reason}) while sending {name!r}"
-            ) from exc
-        except OSError as exc:
-            self._lost(f"sending {name!r} failed: {exc}")
-            raise Disconnected(f"cannot send {name!r} to {self.name}: {exc}") from exc
-
-    # -- reading ----------------------------------------------------------
-
-    def _receive(self, deadline: Deadline, what: str, *, fatal: bool) -> None:
-        """Read once (waiting until `deadline`) and dispatch what arrived.
-
-        `fatal`: a timeout breaks the connection (a command was left without
-        its reply, so the stream can no longer be trusted).
-        """
-        sock = self._sock
-        if sock is None:
-            raise Disconnected(f"QMP connection to {self.name} is closed ({self._closed_reason})")
-        sock.settimeout(deadline.remaining())
-        try:
-            data = sock.recv(_RECV)
-        except (TimeoutError, BlockingIOError):  # BlockingIOError: no time was left
-            if fatal:
-                self._lost(f"no answer within {deadline.timeout:g} s while waiting for {what}")
-            raise Timeout(what, deadline.timeout) from None
+                if remaining is not None and not (
+                    self._rcvtimeo <= remaining <= self._rcvtimeo * 8
+                ):
+                    self._fit_rcvtimeo(sock, remaining)
+                data = sock.recv(_RECV)  # the socket's receive timeout bounds it
+        except BlockingIOError:
+            pass  # nothing yet (the receive timeout ran out): the caller loops
         except (ConnectionResetError, BrokenPipeError):
             data = b""  # the peer went away with our data unread: same as EOF
         except OSError as exc:
-            self._lost(f"receive failed: {exc}")
-            raise Disconnected(f"QMP connection to {self.name} failed: {exc}") from exc
-        if not data:
-            reason = "closed by the client" if self._closed_reason else "the peer closed it"
-            if self._core.quit_sent:
-                reason = "QEMU quit"
-            self._lost(reason)
-            raise Disconnected(
-                f"QMP connection to {self.name} closed ({reason}) while waiting for {what}"
-            )
+            error = exc
+        finally:
+            self._mutex.acquire()
+            self._reading = False
+            if self._shut is not None and not self._users:
+                self._shut.close()
+                self._shut = None
+            if self._followers:
+                self._cond.notify_all()
+        if self._sock is None:  # closed meanwhile
+            return False
+        if error is not None:
+            self._lost(f"receive failed: {error}")
+            return False
+        if data is None:
+            return False
         try:
             items = self._core.receive_data(data)
         except ProtocolError as exc:
             self._dispatch(exc.items)
+            self._broken = exc
             self._lost(f"protocol error: {exc}")
-            raise
+            return True
         self._dispatch(items)
+        return True
+
+    def _fit_rcvtimeo(self, sock: socket.socket, remaining: float) -> None:
+        """Keep the kernel's receive timeout (SO_RCVTIMEO) within `remaining`,
+        so a blocking recv never outlasts the deadline, yet change it (a system
+        call) rarely: it is set to half of what is left, and reset only when it
+        would overshoot or is far shorter than needed. A recv that times out
+        early just makes the caller loop."""
+        new = remaining / 2
+        sec = int(new)
+        usec = int((new - sec) * 1e6) or (0 if sec else 1)  # all zero would mean "never"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(sec, usec))
+        self._rcvtimeo = sec + usec / 1e6
 
     def _dispatch(self, items: list[Item]) -> None:
         for item in items:
@@ -294,6 +445,22 @@ class QMPClient(ClientBase):
             elif isinstance(item, Event):
                 self._events.notify(item)
                 self._events.push(item)
+            elif isinstance(item, ConnectionLost):
+                self._lost(item.reason)
+
+    def _gone(self, what: str, waited: bool = False) -> Exception:
+        """The error for a call that finds the connection closed: the protocol
+        error itself for a call that was waiting when it broke the connection."""
+        if waited and self._broken is not None:
+            err = ProtocolError(str(self._broken))
+            err.data = self._broken.data
+            return err
+        return Disconnected(
+            f"QMP connection to {self.name} closed ({self._closed_reason}) while {what}"
+            if what.startswith("sending")
+            else f"QMP connection to {self.name} closed ({self._closed_reason}) "
+            f"while waiting for {what}"
+        )
 
     # -- events -----------------------------------------------------------
 
@@ -302,29 +469,20 @@ class QMPClient(ClientBase):
         name: NameFilter = None,
         match: Mapping[str, Any] | None = None,
         *,
-        timeout: TimeoutArg = ...,
+        timeout: TimeoutArg = CLIENT_TIMEOUT,
     ) -> Event:
         """Return (and consume) the oldest event matching `name`/`match`,
         waiting for one if none has arrived yet."""
         deadline = self._deadline(timeout)
-        with self._lock:
-            while True:
-                event = self._events.take(name, match)
-                if event is not None:
-                    return event
-                if self._sock is None:
-                    raise Disconnected(
-                        f"QMP connection to {self.name} is closed ({self._closed_reason}); "
-                        f"no {describe(name, match)} arrived"
-                    )
-                try:
-                    self._receive(deadline, describe(name, match), fatal=False)
-                except Disconnected:
-                    if self._events.queue:
-                        continue  # events that came with the EOF are still there
-                    raise
+        take = self._events.take
+        try:
+            return self._await(
+                lambda: take(name, match), deadline, lambda: describe(name, match), False
+            )
+        except Disconnected as exc:
+            raise Disconnected(f"{exc}; no {describe(name, match)} arrived") from None
 
-    def events(self, *, timeout: TimeoutArg = ...) -> Iterator[Event]:
+    def events(self, *, timeout: TimeoutArg = CLIENT_TIMEOUT) -> Iterator[Event]:
         """Yield events as they arrive (consuming them) until the connection
         closes; each wait is bounded by `timeout` (raises `Timeout`)."""
         while True:
@@ -338,27 +496,31 @@ class QMPClient(ClientBase):
 
     def close(self) -> None:
         """Close the connection; a call blocked in another thread fails at once."""
-        if self._closed_reason is None:
-            self._closed_reason = "closed by the client"
-        if self._lock.acquire(blocking=False):
-            try:
-                self._lost(self._closed_reason)
-            finally:
-                self._lock.release()
-        else:
-            sock = self._sock
-            if sock is not None:
-                # wakes the thread blocked in recv(); it finishes the close
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+        with self._mutex:
+            self._lost("closed by the client")
 
     def _lost(self, reason: str) -> None:
+        """Close for `reason` (the first reason sticks); with `_mutex` held.
+        A thread still in a system call on the fd is woken by `shutdown`, and
+        the fd is closed when the last such thread leaves (never under it)."""
         if self._closed_reason is None:
             self._closed_reason = reason
         self._core.close()
         sock, self._sock = self._sock, None
         if sock is not None:
-            sock.close()
+            if self._users or self._reading:
+                self._shut = sock
+                with contextlib.suppress(OSError):  # already disconnected: its call fails
+                    sock.shutdown(socket.SHUT_RDWR)
+            else:
+                sock.close()
+        self._cond.notify_all()
+
+    def _leave(self) -> None:
+        self._users -= 1
+        if not self._users and not self._reading and self._shut is not None:
+            self._shut.close()
+            self._shut = None
 
     def __enter__(self) -> QMPClient:
         return self
@@ -372,35 +534,34 @@ class QMPClient(ClientBase):
         self.close()
 
 
-def _connect(address: _transport.Address, deadline: Deadline, name: str) -> socket.socket:
-    errors: list[str] = []
-    for family, sockaddr in _transport.targets(address):
-        infos: list[tuple[int, Any]]
-        if family == socket.AF_UNIX:
-            infos = [(family, sockaddr)]
-        else:
-            assert isinstance(sockaddr, tuple)
-            host, port = sockaddr
-            try:
-                infos = [
-                    (fam, sa)
-                    for fam, _, _, _, sa in socket.getaddrinfo(
-                        host, port, family, socket.SOCK_STREAM
-                    )
-                ]
-            except OSError as exc:
-                errors.append(f"{host}: {exc}")
-                continue
-        for fam, sa in infos:
-            sock = socket.socket(fam, socket.SOCK_STREAM)
+def _writable(sock: socket.socket, deadline: Deadline) -> bool:
+    """Wait until `sock` can take more bytes or `deadline` passes (False)."""
+    remaining = deadline.remaining()
+    if remaining == 0:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(-1 if remaining is None else math.ceil(remaining * 1000)))
+
+
+class _Connector:
+    """The blocking primitives of `connect_plan`."""
+
+    @staticmethod
+    def resolve(host: str, port: int, family: int) -> list[tuple[int, Any]]:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        return [(fam, sa) for fam, _, _, _, sa in infos]
+
+    @staticmethod
+    def connect(family: int, sockaddr: Any, deadline: Deadline) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
             sock.settimeout(deadline.remaining())
-            try:
-                sock.connect(sa)
-                return sock
-            except (TimeoutError, BlockingIOError):  # BlockingIOError: no time was left
-                sock.close()
-                raise Timeout(f"connecting to {name}", deadline.timeout) from None
-            except OSError as exc:
-                sock.close()
-                errors.append(f"{sa}: {exc.strerror or exc}")
-    raise Disconnected(f"cannot connect to QMP at {name}: " + "; ".join(errors))
+            sock.connect(sockaddr)
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: no time was left
+            sock.close()
+            raise Timeout("connecting", deadline.timeout) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
