@@ -21,6 +21,16 @@ QEMU = os.environ.get("VMPILOT_QEMU") or shutil.which("qemu-system-x86_64") or "
 QEMU_NONE = [QEMU, "-machine", "none", "-nodefaults", "-display", "none", "-no-user-config"]
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which QEMU this run tests (CI runs the suite against more than one)."""
+    try:
+        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, timeout=30)
+        version = out.stdout.splitlines()[0] if out.stdout else out.stderr.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        version = f"cannot run it: {exc}"
+    return f"QEMU: {QEMU}: {version}"
+
+
 # -- the leak guard -------------------------------------------------------
 # It counts only what this run made: QEMU processes that carry this run's
 # token in their environment (inherited from us, so orphans are found too),
