@@ -27,6 +27,9 @@ from . import guest
 from .machine import AsyncMachine, Machine, MachineConfig
 from .machine.machine import _Common
 
+# --vmpilot-hosts: spread the suite over a fleet of hosts (pytest-xdist over ssh)
+pytest_plugins = ["vmpilot.fleet.plugin"]
+
 _VMS = pytest.StashKey[list[_Common]]()
 TAIL = 3000
 
