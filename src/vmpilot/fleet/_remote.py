@@ -136,6 +136,7 @@ def provision(channel: Any, req: dict[str, Any]) -> dict[str, Any]:
         root = os.path.join(run_dir, "root")
         os.makedirs(root)
         os.makedirs(os.path.join(run_dir, "logs"))
+        os.makedirs(os.path.join(run_dir, "tmp"))  # the workers' basetemps
         _unpack(req["tests"], root)
     return {
         "python": python,

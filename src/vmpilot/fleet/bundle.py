@@ -64,7 +64,9 @@ def _content_digest(data: bytes) -> str:
 
 def needed_distributions() -> list[md.Distribution]:
     """pytest, pytest-xdist, the pytest plugins, and their requirements."""
-    by_name = {_norm(d.metadata["Name"]): d for d in md.distributions()}
+    by_name: dict[str, md.Distribution] = {}
+    for d in md.distributions():  # the first on sys.path wins, as for imports
+        by_name.setdefault(_norm(d.metadata["Name"]), d)
     todo = ["pytest", "pytest-xdist"]
     todo += [
         _norm(d.metadata["Name"])
@@ -95,8 +97,37 @@ def _source_dir(dist: md.Distribution) -> str | None:
     return None
 
 
+def _tree_key(source: str) -> str:
+    """Changes when a file of the project does (names, sizes, mtimes)."""
+    h = hashlib.sha256()
+    for path in sorted(_walk(Path(source))):
+        if any(p in ("build", "dist") or p.endswith(".egg-info") for p in path.parts):
+            continue
+        st = path.stat()
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base, "vmpilot", "fleet", "wheels")
+
+
 def build_wheel(source: str) -> bytes:
-    """`pip wheel` of a project directory (its own build backend)."""
+    """`pip wheel` of a project directory (its own build backend), cached
+    here until a file of the project changes."""
+    cached = _cache_dir() / f"{_tree_key(source)}.whl"
+    if cached.exists():
+        return cached.read_bytes()
+    data = _pip_wheel(source)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, cached)
+    return data
+
+
+def _pip_wheel(source: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="vmpilot-fleet-wheel-") as out:
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, source]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
@@ -116,7 +147,9 @@ def repack(dist: md.Distribution) -> tuple[str, bytes]:
     wheel_meta = dist.read_text("WHEEL") or ""
     tags = re.findall(r"^Tag: (\S+)$", wheel_meta, re.M) or ["py3-none-any"]
     stem = info[: -len(".dist-info")]
-    filename = f"{stem}-{tags[0]}.whl"
+    parts = [t.split("-") for t in tags]  # py2.py3-none-any is two Tag: lines
+    tag = "-".join(".".join(dict.fromkeys(p[i] for p in parts)) for i in range(3))
+    filename = f"{stem}-{tag}.whl"
     skip = {f"{info}/{n}" for n in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")}
     buf = io.BytesIO()
     rows = []

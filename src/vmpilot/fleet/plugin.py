@@ -42,24 +42,23 @@ def _fleet_info(config: pytest.Config) -> dict[str, Any] | None:
     return workerinput.get("vmpilot_fleet") if workerinput else None
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_configure(config: pytest.Config) -> Generator[None, None, None]:
-    result = yield  # after xdist's own configure
+@pytest.hookimpl(trylast=True)  # after the terminal reporter is there
+def pytest_configure(config: pytest.Config) -> None:
     info = _fleet_info(config)
     if info is not None:
         if info.get("logs"):
             config.option.vmpilot_keep_logs = info["logs"]
     elif config.option.vmpilot_hosts and not hasattr(config, "workerinput"):
         _install(config)
-    return result
 
 
 def _install(config: pytest.Config) -> None:
     if config.getvalue("collectonly"):
         return
-    if config.pluginmanager.has_plugin("dsession") or config.option.numprocesses:
+    # xdist makes its own session only when given --tx (or -n): never with ours
+    if getattr(config.option, "tx", None) or getattr(config.option, "numprocesses", None):
         raise pytest.UsageError("--vmpilot-hosts replaces -n/--tx: use one or the other")
-    if not config.pluginmanager.has_plugin("xdist.plugin"):
+    if not hasattr(config.option, "tx"):
         raise pytest.UsageError("--vmpilot-hosts needs pytest-xdist (pip install pytest-xdist)")
     try:
         hosts = parse_hosts(config.option.vmpilot_hosts)

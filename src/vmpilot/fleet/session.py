@@ -41,6 +41,8 @@ class FleetSession(DSession):  # type: ignore[misc]
                 f"({r.cores} cores, {self.fleet.workers(r.host)} workers, {r.qemu}; "
                 f"installed {len(r.installed)} wheel(s))"
             )
+        # xdist's schedulers count the workers from --tx
+        self.config.option.tx = self.fleet.specs()
         self.nodemanager = FleetNodeManager(self.config, self.fleet)
         nodes = self.nodemanager.setup_nodes(putevent=self.queue.put)
         self._active_nodes.update(nodes)
