@@ -9,10 +9,12 @@ import contextlib
 import getpass
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -157,7 +159,7 @@ def _fleet_args(server: PrivateSshd, *extra: str) -> list[str]:
     ]
 
 
-SUITE = '''
+SUITE = """
 import os
 import pytest
 from vmpilot import guest
@@ -175,7 +177,7 @@ def test_console_fails(vm_factory, tmp_path, vmpilot_host):
         assert False, "deliberate failure"
     finally:
         vm.shutdown()
-'''
+"""
 
 
 def test_fleet_runs_on_both_hosts_and_reports_the_host(
@@ -206,3 +208,73 @@ def test_fleet_runs_on_both_hosts_and_reports_the_host(
         assert "TINY-GUEST READY" in console.read_text(), host
         kept = sorted(p.name for p in (logs / host).iterdir())
         assert kept == ["test_console_fails", "test_qmp_0_", "test_qmp_1_"], (host, kept)
+
+
+DEATH_SUITE = """
+import os
+import pytest
+
+@pytest.mark.parametrize("i", range(6))
+def test_t(qmp_vm, vmpilot_host, i):
+    if vmpilot_host == "fleet-test":  # say where we are, then wait for the end
+        with open({fifo!r}, "w") as f:
+            f.write(f"{{os.getpid()}} {{qmp_vm.pid}} {{os.getcwd()}}\\n")
+        qmp_vm.wait(timeout=120)
+"""
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """True once process `pid` has ended (its pidfd turns readable)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def test_a_host_that_dies_fails_only_its_tests(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    server = _sshd_or_skip(tmp_path / "sshd")
+    fifo = tmp_path / "running"
+    os.mkfifo(fifo)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        pytester.makepyfile(test_dies=DEATH_SUITE.format(fifo=str(fifo)))
+        pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+        proc = pytester.popen(
+            [sys.executable, "-m", "pytest", *_fleet_args(server)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            # a test is running on the ssh host: it says so through the fifo
+            assert select.select([rfd], [], [], RUN_TIMEOUT)[0], "nothing ran on the ssh host"
+            line = b""
+            while not line.endswith(b"\n"):
+                assert select.select([rfd], [], [], 30)[0]
+                line += os.read(rfd, 1000)
+            worker, qemu, cwd = line.decode().split()
+            server.kill()  # the host goes away mid-test
+            out = proc.communicate(timeout=RUN_TIMEOUT)[0].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        print(out[-5000:])
+        assert proc.returncode == 1
+        assert re.search(
+            rf"FAILED test_dies.py::test_t\[\d\] - host {HOST} went down while running", out
+        ), out[-3000:]
+        assert "1 failed, 5 passed" in out  # its queued tests ran on `local`
+        # what ran on the host ends by itself once its connection is gone
+        assert _wait_gone(int(worker), 60), "the worker on the dead host is still running"
+        assert _wait_gone(int(qemu), 30), "the QEMU on the dead host is still running"
+    finally:
+        os.close(rfd)
+        server.stop()
+    run_dir = Path(cwd).parent  # the dead host's copy of the run: ours, remove it
+    assert "/vmpilot/fleet/runs/" in str(run_dir)
+    shutil.rmtree(run_dir)

@@ -210,8 +210,14 @@ class Fleet:
         the control gateways. Returns a line per host that could not."""
         notes = []
         for name, r in self.remotes.items():
+            if name in self.down:
+                notes.append(
+                    f"host {name} is down: its run directory {r.run_dir} stays there "
+                    "(a later run on that host removes it after 2 days)"
+                )
+                continue
             try:
-                if self.keep_logs and name not in self.down:
+                if self.keep_logs:
                     data = self._chore(r, "logs", r.run_dir)
                     _extract(data, os.path.join(self.keep_logs, r.host.dirname))
                 self._chore(r, "cleanup", r.run_dir)
