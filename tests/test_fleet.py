@@ -235,46 +235,137 @@ def _wait_gone(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def test_a_host_that_dies_fails_only_its_tests(pytester: pytest.Pytester, tmp_path: Path) -> None:
-    server = _sshd_or_skip(tmp_path / "sshd")
-    fifo = tmp_path / "running"
-    os.mkfifo(fifo)
-    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    try:
+class HostRun:
+    """An inner fleet run whose tests, on the ssh host, say where they are
+    through a fifo and then wait for the end (of the host or the run)."""
+
+    def __init__(self, pytester: pytest.Pytester, server: PrivateSshd, fifo: Path) -> None:
+        os.mkfifo(fifo)
+        self.rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
         pytester.makepyfile(test_dies=DEATH_SUITE.format(fifo=str(fifo)))
         pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
-        proc = pytester.popen(
+        self.proc = pytester.popen(
             [sys.executable, "-m", "pytest", *_fleet_args(server)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+
+    def wait_running_on_host(self) -> tuple[int, int, Path]:
+        """(worker pid, QEMU pid, cwd) of the test running on the ssh host."""
+        assert select.select([self.rfd], [], [], RUN_TIMEOUT)[0], "nothing ran on the ssh host"
+        line = b""
+        while not line.endswith(b"\n"):
+            assert select.select([self.rfd], [], [], 30)[0]
+            line += os.read(self.rfd, 1000)
+        worker, qemu, cwd = line.decode().split()
+        return int(worker), int(qemu), Path(cwd)
+
+    def close(self) -> str:
         try:
-            # a test is running on the ssh host: it says so through the fifo
-            assert select.select([rfd], [], [], RUN_TIMEOUT)[0], "nothing ran on the ssh host"
-            line = b""
-            while not line.endswith(b"\n"):
-                assert select.select([rfd], [], [], 30)[0]
-                line += os.read(rfd, 1000)
-            worker, qemu, cwd = line.decode().split()
-            server.kill()  # the host goes away mid-test
-            out = proc.communicate(timeout=RUN_TIMEOUT)[0].decode()
+            out = self.proc.communicate(timeout=RUN_TIMEOUT)[0].decode()
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+            os.close(self.rfd)
         print(out[-5000:])
-        assert proc.returncode == 1
+        return out
+
+
+def _remove_run_dir(cwd: Path) -> None:
+    """The host's copy of an inner run that could not clean up: ours."""
+    run_dir = cwd.parent
+    assert "/vmpilot/fleet/runs/" in str(run_dir)
+    shutil.rmtree(run_dir)
+
+
+def test_a_host_that_dies_fails_only_its_tests(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    server = _sshd_or_skip(tmp_path / "sshd")
+    try:
+        run = HostRun(pytester, server, tmp_path / "running")
+        try:
+            worker, qemu, cwd = run.wait_running_on_host()
+            server.kill()  # the host goes away mid-test
+        finally:
+            out = run.close()
+        assert run.proc.returncode == 1
         assert re.search(
             rf"FAILED test_dies.py::test_t\[\d\] - host {HOST} went down while running", out
         ), out[-3000:]
         assert "1 failed, 5 passed" in out  # its queued tests ran on `local`
         # what ran on the host ends by itself once its connection is gone
-        assert _wait_gone(int(worker), 60), "the worker on the dead host is still running"
-        assert _wait_gone(int(qemu), 30), "the QEMU on the dead host is still running"
+        assert _wait_gone(worker, 60), "the worker on the dead host is still running"
+        assert _wait_gone(qemu, 30), "the QEMU on the dead host is still running"
     finally:
-        os.close(rfd)
         server.stop()
-    run_dir = Path(cwd).parent  # the dead host's copy of the run: ours, remove it
-    assert "/vmpilot/fleet/runs/" in str(run_dir)
-    shutil.rmtree(run_dir)
+    _remove_run_dir(cwd)
+
+
+def test_nothing_runs_on_any_host_once_the_controller_is_killed(
+    sshd: PrivateSshd, pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    run = HostRun(pytester, sshd, tmp_path / "running")
+    try:
+        worker, qemu, cwd = run.wait_running_on_host()
+        # everything the controller started here: ssh clients, local workers, their QEMUs
+        local = _descendants(run.proc.pid)
+        run.proc.kill()
+    finally:
+        run.close()
+    assert _wait_gone(worker, 60), "the worker on the ssh host outlived its controller"
+    assert _wait_gone(qemu, 30), "the QEMU on the ssh host outlived its controller"
+    left = [pid for pid in local if not _wait_gone(pid, 30)]
+    assert not left, [(pid, _comm(pid)) for pid in left]
+    _remove_run_dir(cwd)
+
+
+def test_a_host_that_cannot_take_part_is_named_with_what_it_lacks(
+    sshd: PrivateSshd, pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        sshd.ssh_config.read_text()
+        + f"Host fleet-nowhere\n  HostName 127.0.0.1\n  Port {dead_port}\n  BatchMode yes\n"
+    )
+    pytester.makepyfile(test_x="def test_x(): pass\n")
+    result = pytester.runpytest_subprocess(
+        f"--vmpilot-hosts={HOST},fleet-nowhere,local",
+        f"--vmpilot-ssh-config={config}",
+        "--vmpilot-qemu=qemu-system-vmpilot-missing",
+        "-p",
+        "no:cacheprovider",
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert f"host {HOST}: QEMU is missing: 'qemu-system-vmpilot-missing' is not on PATH" in err, err
+    assert "host fleet-nowhere: cannot connect with ssh: " in err
+    assert "Connection refused" in err
+
+
+def test_hosts_and_arguments(tmp_path: Path) -> None:
+    from vmpilot.fleet.hosts import parse_hosts
+
+    hosts = parse_hosts("local,me@box:2222,alias")
+    assert [h.local for h in hosts] == [True, False, False]
+    assert hosts[1].ssh_args()[-3:] == ["-p", "2222", "me@box"]
+    assert hosts[1].dirname == "me@box_2222"
+    for bad in ("a,,b", "a,a", "local,localhost", "ssh://x//y"):
+        with pytest.raises(ValueError):
+            parse_hosts(bad)
+    # the paths under the rootdir point at the host's copy; the rest stays
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("")
+    args = ["-q", "tests/test_a.py::test_x", "--vmpilot-keep-logs", "/elsewhere", "-k", "x"]
+    assert remote_args(args, tmp_path, tmp_path, "/r/root") == [
+        "-q",
+        "/r/root/tests/test_a.py::test_x",
+        "--vmpilot-keep-logs",
+        "/elsewhere",
+        "-k",
+        "x",
+    ]
