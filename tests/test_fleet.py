@@ -348,6 +348,7 @@ def test_a_host_that_cannot_take_part_is_named_with_what_it_lacks(
 
 
 def test_hosts_and_arguments(tmp_path: Path) -> None:
+    from vmpilot.fleet.bundle import remote_args
     from vmpilot.fleet.hosts import parse_hosts
 
     hosts = parse_hosts("local,me@box:2222,alias")
