@@ -68,6 +68,7 @@ class Fleet:
     remotes: dict[str, Remote] = field(default_factory=dict)
     down: dict[str, str] = field(default_factory=dict)  # host name -> why
     group: Any = field(default_factory=lambda: execnet.Group())
+    bundled: tuple[float, int, int] | None = None  # seconds, wheels, test files
 
     # -- ssh -----------------------------------------------------------
 
@@ -106,9 +107,11 @@ class Fleet:
         remote = [h for h in self.hosts if not h.local]
         if not remote:
             return
+        t0 = time.monotonic()
         wheels = bundle.wheels()
         files = bundle.test_files(self.rootdir, self.roots, self.inifile)
         tests = bundle.tar_files(self.rootdir, files)
+        self.bundled = (time.monotonic() - t0, len(wheels), len(files))
         with ThreadPoolExecutor(len(remote)) as pool:
             results = list(pool.map(lambda h: self._provision_one(h, wheels, tests), remote))
         errors = [r for r in results if isinstance(r, str)]

@@ -35,6 +35,11 @@ class FleetSession(DSession):  # type: ignore[misc]
             self.fleet.provision()
         except (FleetError, ValueError, RuntimeError) as e:
             raise pytest.UsageError(f"vmpilot fleet: {e}") from None
+        if self.fleet.bundled:
+            seconds, wheels, files = self.fleet.bundled
+            self.report_line(
+                f"vmpilot fleet: {wheels} wheels and {files} test files ready in {seconds:.1f} s"
+            )
         for r in self.fleet.remotes.values():
             self.report_line(
                 f"vmpilot fleet: {r.host.name} ready in {r.seconds:.1f} s "
