@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,7 @@ class Fleet:
     down: dict[str, str] = field(default_factory=dict)  # host name -> why
     group: Any = field(default_factory=lambda: execnet.Group())
     bundled: tuple[float, int, int] | None = None  # seconds, wheels, test files
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- ssh -----------------------------------------------------------
 
@@ -84,7 +86,7 @@ class Fleet:
 
     def probe(self, host: Host) -> str | None:
         """None if `ssh host true` works, else what ssh said."""
-        argv = [*self.ssh_base(), "-o", "ConnectTimeout=20", *host.ssh_args(), "true"]
+        argv = [*self.ssh_base(), *host.ssh_args(), "true"]
         try:
             r = subprocess.run(
                 argv,
@@ -128,7 +130,8 @@ class Fleet:
         if why:
             return f"host {host.name}: cannot connect with ssh: {why}"
         try:
-            gw = self.group.makegateway(self.xspec(host, "python3"))
+            with self._lock:  # one Group, provisioned from several threads
+                gw = self.group.makegateway(self.xspec(host, "python3"))
         except (execnet.HostNotFound, OSError, EOFError) as e:
             return f"host {host.name}: cannot start python3 there ({type(e).__name__}: {e})"
         try:

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 LOCAL_NAMES = ("local", "localhost")
 
-# ssh gives up on a host that stops answering (network gone, host frozen)
-# after about 15 s instead of waiting for TCP to notice, and never prompts.
+# ssh never prompts, gives up connecting after 20 s, and gives up on a host
+# that stops answering (network gone, host frozen) after about 15 s instead of
+# waiting for TCP to notice.
 SSH_OPTIONS = (
     "-o",
     "BatchMode=yes",
+    "-o",
+    "ConnectTimeout=20",
     "-o",
     "ServerAliveInterval=5",
     "-o",

@@ -9,6 +9,7 @@ and a failing test's report names the host.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,21 @@ def _fleet_info(config: pytest.Config) -> dict[str, Any] | None:
 def pytest_configure(config: pytest.Config) -> None:
     info = _fleet_info(config)
     if info is not None:
+        _end_with_parent()
         if info.get("logs"):
             config.option.vmpilot_keep_logs = info["logs"]
     elif config.option.vmpilot_hosts and not hasattr(config, "workerinput"):
         _install(config)
+
+
+def _end_with_parent() -> None:
+    """A worker gets SIGINT (pytest unwinds, its VMs are killed) the moment
+    the process that started it goes — the controller for a local worker, the
+    sshd session for a remote one — rather than when execnet notices the
+    closed connection (5 to 15 s later)."""
+    from ..machine.process import _PR_SET_PDEATHSIG, _prctl
+
+    _prctl().prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
 
 
 def _install(config: pytest.Config) -> None:
