@@ -56,8 +56,8 @@ class FleetSession(DSession):  # type: ignore[misc]
     @pytest.hookimpl
     def pytest_sessionfinish(self) -> None:
         super().pytest_sessionfinish()
-        for note in self.fleet.finish():
-            self.report_line("vmpilot fleet: " + note)
+        for i, note in enumerate(self.fleet.finish()):
+            self.report_line(("\n" if i == 0 else "") + "vmpilot fleet: " + note)
 
     @pytest.hookimpl
     def pytest_configure_node(self, node: Any) -> None:
@@ -65,6 +65,7 @@ class FleetSession(DSession):  # type: ignore[misc]
 
     def worker_errordown(self, node: Any, error: object | None) -> None:
         host = self.host_of(node)
+        self._why_down[node] = error
         if not host.local and host.name not in self.fleet.down:
             why = self.fleet.probe(host)
             if why:
@@ -73,8 +74,20 @@ class FleetSession(DSession):  # type: ignore[misc]
                     f"\nvmpilot fleet: host {host.name} is down ({why}); "
                     "its queued tests go to the other hosts"
                 )
-        self._why_down[node] = error
-        super().worker_errordown(node, error)
+        if host.name not in self.fleet.down:
+            super().worker_errordown(node, error)  # a crash: xdist replaces the worker
+            return
+        # the host is gone: fail the test it ran, requeue the rest elsewhere, and
+        # neither restart the worker nor count it against --max-worker-restart
+        self.config.hook.pytest_testnodedown(node=node, error=error)
+        try:
+            crashitem = self.sched.remove_node(node)
+        except KeyError:
+            pass
+        else:
+            if crashitem:
+                self.handle_crashitem(crashitem, node)
+        self._active_nodes.remove(node)
 
     @pytest.hookimpl
     def pytest_handlecrashitem(self, crashitem: str, report: Any, sched: Any) -> None:
