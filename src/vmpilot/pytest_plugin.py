@@ -26,6 +26,9 @@ import pytest
 from . import guest
 from .machine import AsyncMachine, Machine, MachineConfig
 
+# --vmpilot-hosts: spread the suite over a fleet of hosts (pytest-xdist over ssh)
+pytest_plugins = ["vmpilot.fleet.plugin"]
+
 _VMS = pytest.StashKey[list[Machine | AsyncMachine]]()
 TAIL = 3000
 

@@ -157,6 +157,17 @@ def spawn(
     return _spawner.call(job)  # type: ignore[no-any-return]
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the calling process get `sig` when its parent process goes
+    (PR_SET_PDEATHSIG), for helpers such as test workers that must not
+    outlive what started them. A parent already gone by the time the signal
+    is set gets the same result: `sig` at once."""
+    parent = os.getppid()
+    _prctl().prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() != parent:  # reparented before prctl took effect
+        os.kill(os.getpid(), sig)
+
+
 def describe_status(returncode: int | None) -> str:
     if returncode is None:
         return "still running"
