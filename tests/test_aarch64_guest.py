@@ -167,3 +167,23 @@ def test_aarch64_async_machine(arm_guest: GuestImage) -> None:
             return out
 
     assert run_async(main()) == "aarch64 42\n"
+
+
+@needs_qemu
+def test_aarch64_agent_from_arm64_packages() -> None:
+    """qemu-ga for arm64 with its libraries from its dependencies' arm64
+    packages (the host's are x86-64): exec, files, and a powerdown by agent."""
+    image = guest.default(arch="aarch64", agent=True)
+    assert image.agent and image.arch == "aarch64"
+    assert QEMU_AARCH64 is not None
+    vm = Machine(image.config(qemu=QEMU_AARCH64)).launch()
+    try:
+        agent = vm.wait_for_agent(timeout=120)
+        r = agent.exec(["/bin/sh", "-c", "uname -m; echo err >&2; exit 3"])
+        assert (r.exit_code, r.stdout, r.stderr) == (3, b"aarch64\n", b"err\n")
+        agent.write_file("/tmp/blob", b"\x00\xff" * 1000)
+        assert agent.read_file("/tmp/blob") == b"\x00\xff" * 1000
+        agent.shutdown("powerdown")  # no answer on success: the VM ends
+        assert vm.wait(timeout=60) == 0
+    finally:
+        vm.kill()

@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import shutil
 import struct
 import tempfile
@@ -232,11 +233,6 @@ def build(
     apt configuration: see `foreign`), for QEMU's virt board."""
     say = progress or (lambda _msg: None)
     spec = guest_arch(arch)
-    if agent and arch != platform.machine():
-        raise GuestError(
-            f"agent=True needs qemu-ga's {spec.deb_arch} libraries, which the bundled "
-            f"{arch} guest does not gather yet (only the host's own architecture's)"
-        )
     root = private.directory(cache or cache_root(), follow=True)
     guests = os.path.join(root, "guest")
     debs_dir = os.path.join(root, "debs")
@@ -256,7 +252,11 @@ def build(
                 f"is used. Run `apt-get update` (as root) on a Debian machine, then build again"
             ) from exc
         private.directory(guests)
-        packages = [kernel_pkg, "busybox-static"] + (["qemu-guest-agent"] if agent else [])
+        packages = [kernel_pkg, "busybox-static"]
+        if agent:
+            # another architecture's qemu-ga cannot use the host's libraries:
+            # its own come from its dependencies' packages
+            packages += deb.closure("qemu-guest-agent", apt) if apt else ["qemu-guest-agent"]
         try:
             debs = deb.fetch(packages, debs_dir, apt)
         except deb.PackageError:
@@ -338,7 +338,9 @@ def _write(
         lines.append(f"{group} {name}")
     cpio.file("etc/modules", "\n".join(lines) + "\n")
     if agent:
-        _add_agent(cpio, debs["qemu-guest-agent"])
+        libs = {p: d for p, d in debs.items() if p not in (kernel_pkg, "busybox-static")}
+        libs.pop("qemu-guest-agent")
+        _add_agent(cpio, debs["qemu-guest-agent"], libs)
     files = {
         "initramfs.cpio.gz": gzip.compress(cpio.getvalue(), compresslevel=6, mtime=0),
         "vmlinuz": kfiles[vmlinuz[0]],
@@ -358,14 +360,25 @@ def _write(
         )  # fmt: skip
 
 
-def _add_agent(cpio: CpioWriter, agent_deb: deb.Deb) -> None:
-    """qemu-ga and the host's copies of the libraries it links (they are
-    dependencies of qemu-system-x86, so wherever QEMU runs they exist). The
-    libraries are read from qemu-ga's ELF headers: it is never run here."""
+def _add_agent(cpio: CpioWriter, agent_deb: deb.Deb, lib_debs: dict[str, deb.Deb]) -> None:
+    """qemu-ga and the libraries it links: the host's copies (they are
+    dependencies of qemu-system-x86, so wherever QEMU runs they exist), or for
+    another architecture those of its dependencies' packages (`lib_debs`).
+    The libraries are read from qemu-ga's ELF headers: it is never run here."""
     qga = deb.extract(agent_deb, lambda p: p == "usr/sbin/qemu-ga").get("usr/sbin/qemu-ga")
     if qga is None:
         raise GuestError(f"{agent_deb.package.filename} holds no usr/sbin/qemu-ga")
-    for lib in elf.host_libraries(qga):
+    if lib_debs:
+        files: dict[str, bytes] = {}
+        for d in lib_debs.values():
+            files.update(
+                deb.extract(
+                    d, lambda p: re.fullmatch(r"(usr/)?lib/[^/]+/[^/]+\.so[.\d]*", p) is not None
+                )
+            )
+        for path, data in elf.packaged_libraries(qga, files).items():
+            cpio.file(path, data, 0o755)
+    for lib in [] if lib_debs else elf.host_libraries(qga):
         with open(os.path.realpath(lib), "rb") as f:
             cpio.file(lib, f.read(), 0o755)
     cpio.file("usr/sbin/qemu-ga", qga, 0o755)

@@ -45,6 +45,17 @@ def resolve(metapackage: str, apt: Sequence[str] = ()) -> str:
     return m[1]
 
 
+def closure(package: str, apt: Sequence[str] = ()) -> list[str]:
+    """The packages `package` needs to run (Depends, recursively; no
+    Pre-Depends: those serve dpkg's maintainer scripts), itself included."""
+    out = _run(
+        ["apt-cache", *apt, "depends", "--recurse", "--no-recommends", "--no-suggests",
+         "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", "--no-pre-depends",
+         package]
+    )  # fmt: skip
+    return sorted({ln.strip() for ln in out.splitlines() if ln[:1] not in ("", " ", "<")})
+
+
 @dataclasses.dataclass(frozen=True)
 class Package:
     """A package as apt's (signed) index describes it: its file and hash."""
