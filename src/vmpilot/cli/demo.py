@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
             f"query-cpus-fast: {len(cpus)} vCPU(s): "
             + ", ".join(f"#{c['cpu-index']} thread {c['thread-id']} ({c['target']})" for c in cpus)
         )
-        with progress.phase("power button → QEMU exit"):
+        button = "ACPI power-down" if args.arch == "x86_64" else "GPIO power button"
+        with progress.phase(f"{button} → QEMU exit"):
             vm.shutdown(method="powerdown", timeout=60)
     except BaseException:
         vm.kill()
