@@ -155,8 +155,9 @@ class MachineConfig:
     console wiring, which `Machine` adds on its own socketpairs); both come
     from `argv.build_argv`, the one place that writes QEMU options."""
 
-    qemu: str = ""  # "" → default_qemu(arch)
-    machine: str = ""  # "" → the arch's default (q35, virt)
+    # None: the arch's default (filled in at once: default_qemu(arch); q35, virt)
+    qemu: str = None  # type: ignore[assignment]
+    machine: str = None  # type: ignore[assignment]
     accel: str = "auto"
     cpus: int = 1
     memory: str | int = "256M"
@@ -180,8 +181,10 @@ class MachineConfig:
 
     def __post_init__(self) -> None:
         if self.arch in ARCHES:  # else validate() says what is wrong
-            self.qemu = self.qemu or default_qemu(self.arch)
-            self.machine = self.machine or ARCHES[self.arch].machine
+            if self.qemu is None:
+                self.qemu = default_qemu(self.arch)
+            if self.machine is None:
+                self.machine = ARCHES[self.arch].machine
 
     def resolve_accel(self) -> tuple[str, str]:
         """The accelerator to use and why."""
