@@ -46,6 +46,11 @@ from __future__ import annotations
 #         mov     w3, #1
 #         str     w3, [sp, #4]            // handleflags = GPIOHANDLE_REQUEST_INPUT
 #         str     w3, [sp, #8]            // eventflags = GPIOEVENT_REQUEST_RISING_EDGE
+#         adr     x3, label               // consumer_label, the name /proc/interrupts shows
+#         ldp     w4, w5, [x3]
+#         stp     w4, w5, [sp, #12]
+#         ldr     w4, [x3, #8]
+#         str     w4, [sp, #20]
 #         movz    x1, #0xb404             // GPIO_GET_LINEEVENT_IOCTL
 #         movk    x1, #0xc030, lsl #16
 #         mov     x2, sp
@@ -75,15 +80,18 @@ from __future__ import annotations
 # fail:   mov     x0, #1
 #         mov     x8, #93                 // exit(1)
 #         svc     #0
+#         .balign 4
+# label:  .ascii  "power-key\0\0\0"
 # armed:  .ascii  "armed\n"
 # press:  .ascii  "press\n"
 
 CODE = bytes.fromhex(
-    "e00340f91f0c00f16b060054e10b40f9e20f40f9090080d243144038e300003463c000517f24"
-    "007168050054440180d2290d049bf9ffff17600c8092020080d2080780d2010000d46004f8b7"
-    "ff0301d1ff7f00a9ff7f01a9ff7f02a9e90300b923008052e30700b9e30b00b9818096d20106"
-    "b8f2e2030091a80380d2010000d4a00200b5ea2f40b9c10200100b000094e0030aaae1030091"
-    "020280d2e80780d2010000d41f4000f161010054c101005002000094f7ffff17200080d2c200"
-    "80d2080880d2010000d41f1800f141000054c0035fd6200080d2a80b80d2010000d461726d65"
-    "640a70726573730a"
+    "e00340f91f0c00f10b070054e10b40f9e20f40f9090080d243144038e300003463c000517f24"
+    "007108060054440180d2290d049bf9ffff17600c8092020080d2080780d2010000d40005f8b7"
+    "ff0301d1ff7f00a9ff7f01a9ff7f02a9e90300b923008052e30700b9e30b00b9430400106414"
+    "4029e4970129640840b9e41700b9818096d20106b8f2e2030091a80380d2010000d4a00200b5"
+    "ea2f40b9210300100b000094e0030aaae1030091020280d2e80780d2010000d41f4000f16101"
+    "00542102005002000094f7ffff17200080d2c20080d2080880d2010000d41f1800f141000054"
+    "c0035fd6200080d2a80b80d2010000d4706f7765722d6b657900000061726d65640a70726573"
+    "730a"
 )
