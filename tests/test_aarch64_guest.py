@@ -187,3 +187,12 @@ def test_aarch64_agent_from_arm64_packages() -> None:
         assert vm.wait(timeout=60) == 0
     finally:
         vm.kill()
+
+
+def test_clean_removes_the_private_apt_directories(tmp_path: Path) -> None:
+    root = tmp_path / "vmpilot"
+    (root / "apt-arm64" / "lists").mkdir(parents=True)
+    (root / "debs").mkdir()
+    (root / "keep").mkdir()
+    assert guest.clean(str(root)) == [str(root / "debs"), str(root / "apt-arm64")]
+    assert sorted(p.name for p in root.iterdir()) == ["keep"]

@@ -394,10 +394,14 @@ def default(
 
 
 def clean(cache: str | None = None) -> list[str]:
-    """Remove every cached guest build and downloaded package; returns what went."""
+    """Remove every cached guest build, downloaded package and private apt
+    directory (another architecture's lists); returns what went."""
     root = cache or cache_root()
     removed = []
-    for sub in ("guest", "debs"):
+    arches = (
+        sorted(n for n in os.listdir(root) if n.startswith("apt-")) if os.path.isdir(root) else []
+    )
+    for sub in ("guest", "debs", *arches):
         path = os.path.join(root, sub)
         if os.path.lexists(path):
             _discard(path)  # a symlink goes, never what it points to
