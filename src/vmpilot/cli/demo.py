@@ -9,6 +9,7 @@ import json
 from .. import guest
 from .._util.progress import Progress
 from ..machine import Machine
+from ..machine.config import ARCHES
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,10 +17,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "demo",
         help="boot the bundled guest, talk to it, power it down",
         description="Build (or reuse) the bundled Linux guest, boot it, run a command over "
-        "the serial console, query QMP, and shut down gracefully by ACPI power-down, "
+        "the serial console, query QMP, and shut down gracefully by the power button (ACPI on "
+        "x86, a GPIO line on aarch64's virt board), "
         "printing how long each phase took.",
     )
-    p.add_argument("--qemu", help="QEMU binary (default: $VMPILOT_QEMU or qemu-system-x86_64)")
+    p.add_argument(
+        "--arch",
+        choices=list(ARCHES),
+        default="x86_64",
+        help="the guest's architecture (default: x86_64; aarch64 runs under TCG)",
+    )
+    p.add_argument("--qemu", help="QEMU binary (default: $VMPILOT_QEMU or qemu-system-x86_64; "
+                   "aarch64: $VMPILOT_QEMU_AARCH64 or qemu-system-aarch64)")  # fmt: skip
     p.add_argument("--accel", help="accelerator (default: auto: KVM only where it is real KVM)")
     p.add_argument("--command", default="uname -a", help="command to run in the guest")
     p.set_defaults(func=run)
@@ -28,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     progress = Progress()
     with progress.phase("guest build (cached after the first run)"):
-        image = guest.default()
+        image = guest.default(arch=args.arch)
     print(f"guest: Linux {image.kernel_release}, {image.path}")
     overrides = {k: v for k, v in (("qemu", args.qemu), ("accel", args.accel)) if v}
     vm = Machine(image.config(name="demo", **overrides))
@@ -49,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
             f"query-cpus-fast: {len(cpus)} vCPU(s): "
             + ", ".join(f"#{c['cpu-index']} thread {c['thread-id']} ({c['target']})" for c in cpus)
         )
-        with progress.phase("ACPI power-down → QEMU exit"):
+        button = "ACPI power-down" if args.arch == "x86_64" else "GPIO power button"
+        with progress.phase(f"{button} → QEMU exit"):
             vm.shutdown(method="powerdown", timeout=60)
     except BaseException:
         vm.kill()

@@ -20,6 +20,7 @@ from typing import Any
 from .. import guest
 from ..errors import AbnormalShutdown, VMError
 from ..machine import Machine, MachineConfig
+from ..machine.config import ARCHES
 
 ESCAPE = b"\x1d"  # Ctrl-]
 
@@ -45,13 +46,15 @@ def _config(args: argparse.Namespace) -> MachineConfig:
         if value is not None:
             common[key] = value
     if args.kernel:
+        common["arch"] = args.arch
+        console = f"console={ARCHES[args.arch].console}"
         return MachineConfig(
-            kernel=args.kernel, initrd=args.initrd, append=args.append or "console=ttyS0",
+            kernel=args.kernel, initrd=args.initrd, append=args.append or console,
             serial=True, extra_args=extra, **common,
         )  # fmt: skip
     if args.initrd or args.append:
         raise VMError("--initrd and --append need --kernel")
-    image = guest.default()
+    image = guest.default(arch=args.arch)
     return image.config(extra_args=extra, **common)
 
 
@@ -138,6 +141,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--append", help="kernel command line (with --kernel)")
     p.add_argument("--guest", choices=["default"], default="default",
                    help="the bundled guest (the default when no --kernel)")  # fmt: skip
+    p.add_argument("--arch", choices=list(ARCHES), default="x86_64",
+                   help="the guest's architecture: picks the bundled guest, QEMU binary, "
+                   "board and CPU (default: x86_64)")  # fmt: skip
     p.add_argument("--machine")
     p.add_argument("--memory", help="e.g. 512M")
     p.add_argument("--cpus", type=int)

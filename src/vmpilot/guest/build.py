@@ -20,6 +20,8 @@ import hashlib
 import json
 import os
 import pathlib
+import platform
+import re
 import shutil
 import struct
 import tempfile
@@ -29,9 +31,9 @@ from importlib import resources
 from typing import Any
 
 from ..errors import GuestError
-from ..machine.config import MachineConfig
+from ..machine.config import ARCHES, MachineConfig
 from . import cpio as cpio_module
-from . import deb, elf, private
+from . import deb, elf, foreign, gpiowait, private
 from .cpio import CpioWriter
 
 KERNEL_META = "linux-image-cloud-amd64"  # LZ4-compressed: boots ~2x faster under TCG
@@ -45,6 +47,11 @@ case "$1" in -r) reboot -f ;; -H) halt -f ;; *) poweroff -f ;; esac
 PROMPT = "guest# "
 READY = "vmpilot-guest: ready"
 DEFAULT_APPEND = "console=ttyS0 panic=-1 quiet"
+
+
+def _append(arch: str) -> str:
+    return DEFAULT_APPEND.replace("ttyS0", ARCHES[arch].console)
+
 
 # (group, module) in load order; init loads a group only when it is useful.
 MODULES = [
@@ -68,18 +75,49 @@ _IOEXIT = bytes.fromhex(
 )
 
 
-def _static_elf(code: bytes, base: int = 0x400000) -> bytes:
-    """The smallest x86-64 executable: ELF header, one PT_LOAD, the code."""
+def _static_elf(code: bytes, base: int = 0x400000, machine: int = 0x3E) -> bytes:
+    """The smallest 64-bit executable (x86-64, or aarch64 with `machine`
+    0xB7): ELF header, one PT_LOAD, the code."""
     ehdr_size, phdr_size = 64, 56
     total = ehdr_size + phdr_size + len(code)
     entry = base + ehdr_size + phdr_size
     ehdr = struct.pack(
         "<4s5B7xHHIQQQIHHHHHH",
         b"\x7fELF", 2, 1, 1, 0, 0,  # 64-bit, little endian, version 1, SysV ABI
-        2, 0x3E, 1, entry, ehdr_size, 0, 0, ehdr_size, phdr_size, 1, 0, 0, 0,
+        2, machine, 1, entry, ehdr_size, 0, 0, ehdr_size, phdr_size, 1, 0, 0, 0,
     )  # fmt: skip
     phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, total, total, 0x1000)
     return ehdr + phdr + code
+
+
+# The aarch64 guest (virt board): the same virtio modules, by their paths in
+# Debian's arm64 package; no power modules (the button is a GPIO line, see
+# gpiowait.py; PL061 and the GPIO character device are built in).
+AARCH64_MODULES = [(g, m) for g, m in MODULES if g == "virtio"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestArch:
+    """Where the guest of one architecture comes from."""
+
+    name: str  # `uname -m`
+    deb_arch: str  # Debian's name
+    kernel_meta: str
+    modules: list[tuple[str, str]]
+    programs: dict[str, bytes]  # path in the initramfs: static executable
+
+
+def guest_arch(arch: str) -> GuestArch:
+    if arch == "x86_64":
+        return GuestArch(
+            arch, "amd64", KERNEL_META, MODULES, {"bin/ioport-exit": _static_elf(_IOEXIT)}
+        )
+    if arch == "aarch64":
+        return GuestArch(
+            arch, "arm64", "linux-image-cloud-arm64", AARCH64_MODULES,
+            {"bin/gpio-wait": _static_elf(gpiowait.CODE, machine=0xB7)},
+        )  # fmt: skip
+    raise GuestError(f"no bundled guest for arch {arch!r} (there are: x86_64, aarch64)")
 
 
 def cache_root() -> str:
@@ -97,6 +135,7 @@ class GuestImage:
     kernel_release: str = ""
     path: str = ""
     agent: bool = False  # qemu-ga is in the initramfs
+    arch: str = "x86_64"  # the guest's `uname -m`: picks QEMU's binary, board and CPU
 
     def config(self, *, options: str = "", **overrides: Any) -> MachineConfig:
         """A `MachineConfig` that boots this guest with its serial console on.
@@ -105,7 +144,7 @@ class GuestImage:
         """
         append = f"{self.append} {options}".strip()
         values: dict[str, Any] = dict(
-            machine="q35",
+            arch=self.arch,
             memory="256M",
             kernel=self.kernel,
             initrd=self.initrd,
@@ -122,14 +161,15 @@ def _init_script() -> str:
     return resources.files("vmpilot.guest").joinpath("init.sh").read_text()
 
 
-def _key(debs: dict[str, deb.Deb], init: str, agent: bool) -> str:
+def _key(debs: dict[str, deb.Deb], init: str, agent: bool, arch: str) -> str:
     """Names this build's inputs: a change of package, init or builder code
     gets a new directory, never a stale one."""
-    builder = [__file__] + [m.__file__ for m in (deb, elf, cpio_module, private) if m.__file__]
+    modules = (deb, elf, cpio_module, private, gpiowait)
+    builder = [__file__] + [m.__file__ for m in modules if m.__file__]
     sources = [hashlib.sha256(pathlib.Path(p).read_bytes()).hexdigest() for p in builder]
     blob = json.dumps(
         [sorted((d.package.filename, d.package.digest) for d in debs.values()), init,
-         BUILDER_VERSION, agent, sources]
+         BUILDER_VERSION, agent, sources, arch]
     )  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -155,7 +195,9 @@ def load(path: str) -> GuestImage:
                     f"{_file_record(data)} != {records[name]}"
                 )
         release = str(m["kernel_release"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        arch = str(m.get("arch", "x86_64"))
+        guest_arch(arch)
+    except (OSError, ValueError, KeyError, TypeError, GuestError) as exc:
         raise GuestError(f"{path} holds no intact guest build: {exc!r}") from exc
     return GuestImage(
         kernel=os.path.join(path, "vmlinuz"),
@@ -163,6 +205,8 @@ def load(path: str) -> GuestImage:
         kernel_release=release,
         path=path,
         agent=bool(m.get("agent")),
+        arch=arch,
+        append=_append(arch),
     )
 
 
@@ -177,31 +221,54 @@ Progress = Callable[[str], None]
 
 
 def build(
-    cache: str | None = None, *, agent: bool = False, progress: Progress | None = None
+    cache: str | None = None,
+    *,
+    agent: bool = False,
+    arch: str = "x86_64",
+    progress: Progress | None = None,
 ) -> GuestImage:
     """Build (or reuse) the guest and return it; `agent=True` adds qemu-ga
-    (Debian's qemu-guest-agent with its libraries, and the virtio console)."""
+    (Debian's qemu-guest-agent with its libraries, and the virtio console).
+    `arch` "aarch64" builds it from Debian's arm64 packages (through a private
+    apt configuration: see `foreign`), for QEMU's virt board."""
     say = progress or (lambda _msg: None)
+    spec = guest_arch(arch)
     root = private.directory(cache or cache_root(), follow=True)
     guests = os.path.join(root, "guest")
     debs_dir = os.path.join(root, "debs")
     t0 = time.monotonic()
-    try:
-        kernel_pkg = deb.resolve(KERNEL_META)
-    except deb.PackageError as exc:
-        # No guessing from what is in the cache: without apt nothing says which
-        # build is current, and a directory there may not be one we built.
-        raise deb.PackageError(
-            f"apt cannot resolve {KERNEL_META} (Debian's cloud kernel): {exc}. The guest is "
-            f"built from the packages apt names, so without apt no cached build is used. "
-            f"Run `apt-get update` (as root) on a Debian machine, then build again"
-        ) from exc
     with private.locked(os.path.join(root, "guest.lock")):
+        apt: list[str] = []
+        if arch != platform.machine():
+            apt = foreign.prepare(root, spec.deb_arch)
+        try:
+            kernel_pkg = deb.resolve(spec.kernel_meta, apt)
+        except deb.PackageError as exc:
+            # No guessing from what is in the cache: without apt nothing says which
+            # build is current, and a directory there may not be one we built.
+            raise deb.PackageError(
+                f"apt cannot resolve {spec.kernel_meta} (Debian's cloud kernel): {exc}. The "
+                f"guest is built from the packages apt names, so without apt no cached build "
+                f"is used. Run `apt-get update` (as root) on a Debian machine, then build again"
+            ) from exc
         private.directory(guests)
-        packages = [kernel_pkg, "busybox-static"] + (["qemu-guest-agent"] if agent else [])
-        debs = deb.fetch(packages, debs_dir)
+        packages = [kernel_pkg, "busybox-static"]
+        if agent:
+            # another architecture's qemu-ga cannot use the host's libraries:
+            # its own come from its dependencies' packages
+            packages += deb.closure("qemu-guest-agent", apt) if apt else ["qemu-guest-agent"]
+        try:
+            debs = deb.fetch(packages, debs_dir, apt)
+        except deb.PackageError:
+            if not apt:
+                raise
+            # the private lists may name a file the mirror replaced: refresh once
+            apt = foreign.prepare(root, spec.deb_arch, refresh=True)
+            kernel_pkg = deb.resolve(spec.kernel_meta, apt)
+            packages[0] = kernel_pkg
+            debs = deb.fetch(packages, debs_dir, apt)
         init = _init_script()
-        key = _key(debs, init, agent)
+        key = _key(debs, init, agent, arch)
         final = os.path.join(guests, key)
         if os.path.lexists(final):
             try:
@@ -213,7 +280,7 @@ def build(
         say(f"building the guest from {', '.join(packages)}")
         tmp = tempfile.mkdtemp(prefix=".build-", dir=guests)
         try:
-            _write(tmp, debs, kernel_pkg, init, agent, say, t0)
+            _write(tmp, debs, kernel_pkg, init, agent, say, t0, spec)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -230,8 +297,9 @@ def _write(
     agent: bool,
     say: Progress,
     t0: float,
+    spec: GuestArch,
 ) -> None:
-    wanted = {m for _, m in MODULES}
+    wanted = {m for _, m in spec.modules}
     kfiles = deb.extract(
         debs[kernel_pkg],
         lambda p: (
@@ -256,11 +324,12 @@ def _write(
     cpio.file("init", init, 0o755)
     cpio.file("bin/busybox", busybox, 0o755)
     cpio.symlink("bin/sh", "/bin/busybox")  # /init's interpreter; it installs the other applets
-    cpio.file("bin/ioport-exit", _static_elf(_IOEXIT), 0o755)
+    for program, code in spec.programs.items():
+        cpio.file(program, code, 0o755)
     cpio.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", "root:x:0:\n")
     lines = []
-    for group, module in MODULES:
+    for group, module in spec.modules:
         path = f"lib/modules/{release}/{module}"
         if path not in kfiles:
             raise GuestError(f"module {module} is not in {kernel_pkg}")
@@ -269,7 +338,9 @@ def _write(
         lines.append(f"{group} {name}")
     cpio.file("etc/modules", "\n".join(lines) + "\n")
     if agent:
-        _add_agent(cpio, debs["qemu-guest-agent"])
+        libs = {p: d for p, d in debs.items() if p not in (kernel_pkg, "busybox-static")}
+        libs.pop("qemu-guest-agent")
+        _add_agent(cpio, debs["qemu-guest-agent"], libs)
     files = {
         "initramfs.cpio.gz": gzip.compress(cpio.getvalue(), compresslevel=6, mtime=0),
         "vmlinuz": kfiles[vmlinuz[0]],
@@ -283,36 +354,54 @@ def _write(
              "debs": {p: {"file": d.package.filename, d.package.hash_name: d.package.digest}
                       for p, d in debs.items()},
              "files": {name: _file_record(data) for name, data in files.items()},
-             "modules": lines, "agent": agent,
+             "modules": lines, "agent": agent, "arch": spec.name,
              "build_seconds": round(time.monotonic() - t0, 2)},
             f, indent=2,
         )  # fmt: skip
 
 
-def _add_agent(cpio: CpioWriter, agent_deb: deb.Deb) -> None:
-    """qemu-ga and the host's copies of the libraries it links (they are
-    dependencies of qemu-system-x86, so wherever QEMU runs they exist). The
-    libraries are read from qemu-ga's ELF headers: it is never run here."""
+def _add_agent(cpio: CpioWriter, agent_deb: deb.Deb, lib_debs: dict[str, deb.Deb]) -> None:
+    """qemu-ga and the libraries it links: the host's copies (they are
+    dependencies of qemu-system-x86, so wherever QEMU runs they exist), or for
+    another architecture those of its dependencies' packages (`lib_debs`).
+    The libraries are read from qemu-ga's ELF headers: it is never run here."""
     qga = deb.extract(agent_deb, lambda p: p == "usr/sbin/qemu-ga").get("usr/sbin/qemu-ga")
     if qga is None:
         raise GuestError(f"{agent_deb.package.filename} holds no usr/sbin/qemu-ga")
-    for lib in elf.host_libraries(qga):
+    if lib_debs:
+        files: dict[str, bytes] = {}
+        for d in lib_debs.values():
+            files.update(
+                deb.extract(
+                    d, lambda p: re.fullmatch(r"(usr/)?lib/[^/]+/[^/]+\.so[.\d]*", p) is not None
+                )
+            )
+        for path, data in elf.packaged_libraries(qga, files).items():
+            cpio.file(path, data, 0o755)
+    for lib in [] if lib_debs else elf.host_libraries(qga):
         with open(os.path.realpath(lib), "rb") as f:
             cpio.file(lib, f.read(), 0o755)
     cpio.file("usr/sbin/qemu-ga", qga, 0o755)
     cpio.file("sbin/shutdown", SHUTDOWN_SHIM, 0o755)
 
 
-def default(*, agent: bool = False, progress: Progress | None = None) -> GuestImage:
-    """The bundled guest (with qemu-ga if `agent`), built on first use and cached."""
-    return build(agent=agent, progress=progress)
+def default(
+    *, agent: bool = False, arch: str = "x86_64", progress: Progress | None = None
+) -> GuestImage:
+    """The bundled guest (with qemu-ga if `agent`) for `arch` ("x86_64" or
+    "aarch64"), built on first use and cached."""
+    return build(agent=agent, arch=arch, progress=progress)
 
 
 def clean(cache: str | None = None) -> list[str]:
-    """Remove every cached guest build and downloaded package; returns what went."""
+    """Remove every cached guest build, downloaded package and private apt
+    directory (another architecture's lists); returns what went."""
     root = cache or cache_root()
     removed = []
-    for sub in ("guest", "debs"):
+    arches = (
+        sorted(n for n in os.listdir(root) if n.startswith("apt-")) if os.path.isdir(root) else []
+    )
+    for sub in ("guest", "debs", *arches):
         path = os.path.join(root, sub)
         if os.path.lexists(path):
             _discard(path)  # a symlink goes, never what it points to

@@ -15,7 +15,7 @@ import re
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO
 
 from ..errors import PackageError as PackageError  # defined with every error, in errors.py
@@ -34,14 +34,26 @@ def _run(argv: list[str], cwd: str | None = None) -> str:
     return r.stdout
 
 
-def resolve(metapackage: str) -> str:
+def resolve(metapackage: str, apt: Sequence[str] = ()) -> str:
     """The package a metapackage points at now (kernel ABI names change with
-    point releases, so they are never pinned); `PackageError` when apt cannot say."""
-    out = _run(["apt-cache", "depends", metapackage])
+    point releases, so they are never pinned); `PackageError` when apt cannot say.
+    `apt`: options for apt (a private configuration, see `foreign`)."""
+    out = _run(["apt-cache", *apt, "depends", metapackage])
     m = re.search(r"Depends: (\S+)", out)
     if m is None:
         raise PackageError(f"apt-cache knows no dependency of {metapackage}")
     return m[1]
+
+
+def closure(package: str, apt: Sequence[str] = ()) -> list[str]:
+    """The packages `package` needs to run (Depends, recursively; no
+    Pre-Depends: those serve dpkg's maintainer scripts), itself included."""
+    out = _run(
+        ["apt-cache", *apt, "depends", "--recurse", "--no-recommends", "--no-suggests",
+         "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", "--no-pre-depends",
+         package]
+    )  # fmt: skip
+    return sorted({ln.strip() for ln in out.splitlines() if ln[:1] not in ("", " ", "<")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +79,10 @@ class Deb:
     data: bytes
 
 
-def describe(packages: Iterable[str]) -> dict[str, Package]:
+def describe(packages: Iterable[str], apt: Sequence[str] = ()) -> dict[str, Package]:
     """What apt would download for `packages` (file name, size, hash)."""
     packages = list(packages)
-    out = _run(["apt-get", "download", "--print-uris", "-q", *packages])
+    out = _run(["apt-get", *apt, "download", "--print-uris", "-q", *packages])
     found: dict[str, Package] = {}
     for line in out.splitlines():
         m = re.fullmatch(r"'[^']*' (\S+) (\d+) (\w+):([0-9a-f]+)", line.strip())
@@ -95,14 +107,14 @@ def _cached(cache: str, package: Package) -> Deb | None:
     return Deb(package, data) if package.matches(data) else None
 
 
-def fetch(packages: Iterable[str], cache: str) -> dict[str, Deb]:
+def fetch(packages: Iterable[str], cache: str, apt: Sequence[str] = ()) -> dict[str, Deb]:
     """The verified .debs of `packages`: a cached file is used only when its
     size and hash are what apt's index says; the others are downloaded in one
     apt call into a fresh private directory, checked, then cached."""
     private.directory(cache)
     packages = list(packages)
     try:
-        wanted = describe(packages)
+        wanted = describe(packages, apt)
     except PackageError as exc:
         raise PackageError(
             f"apt cannot describe {', '.join(packages)} ({exc}). Run `apt-get update` "
@@ -112,7 +124,7 @@ def fetch(packages: Iterable[str], cache: str) -> dict[str, Deb]:
     missing = [p for p, d in debs.items() if d is None]
     if missing:
         with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as fresh:
-            argv = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *missing]
+            argv = ["apt-get", *apt, "download", "-q", "-o", "APT::Sandbox::User=root", *missing]
             if os.getuid() != 0:
                 argv = [a for a in argv if not a.startswith("APT::Sandbox") and a != "-o"]
             try:

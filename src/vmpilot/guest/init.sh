@@ -5,7 +5,7 @@
 #   vmpilot.pd=ignore     the button press is logged and ignored
 #   vmpilot.pd=none       button.ko is not loaded: the event never reaches the guest
 #   vmpilot.exit=N        exit QEMU with status (N<<1)|1 through isa-debug-exit
-#                         (needs -device isa-debug-exit,iobase=0xf4,iosize=4)
+#                         (x86 only; needs -device isa-debug-exit,iobase=0xf4,iosize=4)
 #   vmpilot.run=CMD       run CMD before the shell ('+' stands for a space)
 # qemu-ga, when the image has it, starts on the port org.qemu.guest_agent.0.
 # the applets' symlinks (/bin/sh exists): the builder never runs busybox on the host
@@ -42,6 +42,16 @@ if [ -n "$exitcode" ]; then
   /bin/ioport-exit "$exitcode"
 fi
 
+power_button() {
+  if [ "$pd" = ignore ]; then
+    echo "vmpilot-guest: power button ignored"
+  else
+    echo "vmpilot-guest: power button, powering off"
+    sync
+    poweroff -f
+  fi
+}
+
 # The power button (button.ko) shows up as an input device named "Power
 # Button"; evdev.ko gives it /dev/input/eventN. Reading one 24-byte
 # struct input_event blocks until the button is pressed.
@@ -51,18 +61,44 @@ for dev in /sys/class/input/input*; do
     [ -e "$ev" ] || continue
     (
       while dd if="/dev/input/${ev##*/}" of=/dev/null bs=24 count=1 2>/dev/null; do
-        if [ "$pd" = ignore ]; then
-          echo "vmpilot-guest: power button ignored"
-          dd if="/dev/input/${ev##*/}" of=/dev/null bs=24 count=3 2>/dev/null
-        else
-          echo "vmpilot-guest: power button, powering off"
-          sync
-          poweroff -f
-        fi
+        power_button
+        # the release and sync events of an ignored press
+        [ "$pd" = ignore ] && dd if="/dev/input/${ev##*/}" of=/dev/null bs=24 count=3 2>/dev/null
       done
     ) &
   done
 done
+
+# --- aarch64 (QEMU's virt board, booted from a device tree) ---------------
+# system_powerdown raises the GPIO line the device tree's gpio-keys node
+# names (PL061 line 3); the cloud kernel has no gpio-keys driver, so
+# /bin/gpio-wait (guest/gpiowait.py) waits for its rising edges instead. It
+# says "armed" once the line is requested: only then is the guest ready, so
+# no press made after the ready line is lost.
+if [ -x /bin/gpio-wait ] && [ "$pd" != none ] && [ -e /proc/device-tree/gpio-keys ]; then
+  for key in /proc/device-tree/gpio-keys/*/gpios; do
+    [ -e "$key" ] || continue
+    # gpios = <phandle line flags>, big-endian cells: the chip is the GPIO
+    # controller whose device-tree node has that phandle
+    phandle=$(od -An -tx1 -N4 "$key" | tr -d ' ')
+    line=$((0x$(od -An -tx1 -j4 -N4 "$key" | tr -d ' ')))
+    for chip in /sys/bus/gpio/devices/gpiochip*; do
+      node=$(readlink -f "$chip/../of_node")
+      [ "$(od -An -tx1 -N4 "$node/phandle" 2>/dev/null | tr -d ' ')" = "$phandle" ] || continue
+      mkfifo /run/power-key
+      /bin/gpio-wait "/dev/${chip##*/}" "$line" >/run/power-key &
+      exec 3</run/power-key
+      rm /run/power-key
+      if read -r armed <&3 && [ "$armed" = armed ]; then
+        ( while read -r _ <&3; do power_button; done ) &
+      else
+        echo "vmpilot-guest: cannot watch the power key (GPIO line $line of ${chip##*/})"
+      fi
+      exec 3<&-
+    done
+  done
+fi
+# --- end aarch64 ----------------------------------------------------------
 
 # qemu-ga on the virtio-serial port named org.qemu.guest_agent.0. No udev
 # here, so no /dev/virtio-ports/<name> link: find the vportNpM by its name.
@@ -82,5 +118,5 @@ fi
 echo "vmpilot-guest: ready, kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime)s"
 export PS1='guest# '
 while :; do
-  setsid cttyhack sh   # a controlling tty on ttyS0: job control and ^C work
+  setsid cttyhack sh   # a controlling tty on the console: job control and ^C work
 done

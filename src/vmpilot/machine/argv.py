@@ -13,7 +13,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from .config import MachineConfig, escape, option_map, options
+from .config import ARCHES, MachineConfig, escape, option_map, options
 
 QMP_ID = "vmpilot-qmp"
 QMP_UNIX_ID = "vmpilot-qmp-unix"
@@ -52,8 +52,9 @@ def build_argv(
     mem = f"{cfg.memory}M" if isinstance(cfg.memory, int) else cfg.memory
     argv = [qemu or cfg.qemu, "-nodefaults", "-no-user-config", "-display", "none"]
     argv += ["-machine", options(None, type=cfg.machine), "-accel", options(None, accel=accel)]
-    if accel == "kvm":
-        argv += ["-cpu", "host"]
+    cpu = cfg.cpu or ("host" if accel == "kvm" else ARCHES[cfg.arch].cpu)
+    if cpu is not None:
+        argv += ["-cpu", cpu]
     argv += ["-smp", options(None, cpus=cfg.cpus), "-m", options(None, size=mem)]
     if cfg.name:
         argv += ["-name", options(None, guest=cfg.name)]

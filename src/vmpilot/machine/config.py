@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import platform
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ ACCELS = ("auto", "kvm", "tcg", "qtest", "xen", "hvf", "whpx")
 _MEMORY = re.compile(r"^\d+(\.\d+)?[KMGT]?$", re.IGNORECASE)
 _KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
 _MACHINE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_CPU = re.compile(r"^[A-Za-z0-9_.-]+$")  # a model name only: its properties go in extra_args
 
 
 def escape(value: object) -> str:
@@ -95,8 +97,41 @@ class Drive:
         )
 
 
-def default_qemu() -> str:
-    return os.environ.get("VMPILOT_QEMU") or "qemu-system-x86_64"
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """What a guest architecture needs of QEMU when the config does not say."""
+
+    name: str  # the guest's `uname -m`
+    qemu: str  # the binary
+    package: str  # the Debian package that has it
+    env: str  # the environment variable naming another binary
+    machine: str
+    cpu: str | None  # the CPU model under TCG (None: QEMU's default); KVM uses `host`
+    console: str  # the kernel's name for the port `-serial` feeds
+
+
+ARCHES = {
+    "x86_64": Arch("x86_64", "qemu-system-x86_64", "qemu-system-x86", "VMPILOT_QEMU", "q35",
+                   None, "ttyS0"),
+    # virt's default CPU is a 32-bit cortex-a15; cortex-a57 is 64-bit and
+    # cheaper to emulate than `max`. Its -serial is the PL011: ttyAMA0.
+    "aarch64": Arch("aarch64", "qemu-system-aarch64", "qemu-system-arm", "VMPILOT_QEMU_AARCH64",
+                    "virt", "cortex-a57", "ttyAMA0"),
+}  # fmt: skip
+
+
+def arch_of(name: str) -> Arch:
+    try:
+        return ARCHES[name]
+    except KeyError:
+        raise ConfigError(f"arch {name!r} is not one of {', '.join(ARCHES)}") from None
+
+
+def default_qemu(arch: str = "x86_64") -> str:
+    """The QEMU binary for `arch`: $VMPILOT_QEMU (x86_64) or
+    $VMPILOT_QEMU_AARCH64 (aarch64) when set, else the one on PATH."""
+    a = arch_of(arch)
+    return os.environ.get(a.env) or a.qemu
 
 
 def detect_accel() -> tuple[str, str]:
@@ -120,8 +155,9 @@ class MachineConfig:
     console wiring, which `Machine` adds on its own socketpairs); both come
     from `argv.build_argv`, the one place that writes QEMU options."""
 
-    qemu: str = dataclasses.field(default_factory=default_qemu)
-    machine: str = "q35"
+    # None: the arch's default (filled in at once: default_qemu(arch); q35, virt)
+    qemu: str = None  # type: ignore[assignment]
+    machine: str = None  # type: ignore[assignment]
     accel: str = "auto"
     cpus: int = 1
     memory: str | int = "256M"
@@ -140,6 +176,15 @@ class MachineConfig:
     log_dir: str | None = None  # keep qemu.log / console.log in a subdir of this
     expose_qmp: bool = False  # also serve QMP on a unix socket (vm.qmp_path) for other tools
     extra_args: Sequence[str] = ()
+    arch: str = "x86_64"  # the guest's architecture: picks the defaults above (see ARCHES)
+    cpu: str | None = None  # None: `host` under KVM, else the arch's default
+
+    def __post_init__(self) -> None:
+        if self.arch in ARCHES:  # else validate() says what is wrong
+            if self.qemu is None:
+                self.qemu = default_qemu(self.arch)
+            if self.machine is None:
+                self.machine = ARCHES[self.arch].machine
 
     def resolve_accel(self) -> tuple[str, str]:
         """The accelerator to use and why."""
@@ -151,13 +196,17 @@ class MachineConfig:
                 raise ConfigError(f"VMPILOT_ACCEL={env!r} is not one of {', '.join(ACCELS)}")
             if env != "auto":
                 return env, "VMPILOT_ACCEL"
+        host = platform.machine()
+        if self.arch != host:
+            return "tcg", f"an {self.arch} guest on an {host} host"
         return detect_accel()
 
     def resolve_qemu(self) -> str:
         path = shutil.which(self.qemu)
         if path is None:
+            a = arch_of(self.arch)
             hint = (
-                "install it (Debian: apt-get install qemu-system-x86) or set VMPILOT_QEMU"
+                f"install it (Debian: apt-get install {a.package}) or set {a.env}"
                 if os.sep not in self.qemu
                 else "check the path"
             )
@@ -165,6 +214,9 @@ class MachineConfig:
         return path
 
     def validate(self) -> None:
+        arch_of(self.arch)
+        if self.cpu is not None and (not isinstance(self.cpu, str) or not _CPU.fullmatch(self.cpu)):
+            raise ConfigError(f"invalid CPU model {self.cpu!r}: one name like 'cortex-a57'")
         if not isinstance(self.machine, str) or not _MACHINE.fullmatch(self.machine):
             # no machine type has these; refusing beats QEMU's "unsupported machine type"
             raise ConfigError(
