@@ -209,7 +209,7 @@ class _AsyncIO:
             vm._qtest = AsyncQtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
         vm._qmp = AsyncQMPClient(socks["qmp"])
-        life.on_cleanup.insert(0, vm._qmp.close)
+        life.on_cleanup.insert(0, vm._qmp._close_after_exit)  # a quit's reply still arrives
 
     def _stop_watching(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.life.pidfd >= 0:

@@ -214,7 +214,7 @@ class _SyncIO:
             vm._qtest = Qtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
         vm._qmp = QMPClient(socks["qmp"])
-        life.on_cleanup.insert(0, vm._qmp.close)
+        life.on_cleanup.insert(0, vm._qmp._close_after_exit)  # a quit's reply still arrives
 
     def read_greeting(self, deadline: Deadline) -> None:
         assert self.vm._qmp is not None

@@ -420,6 +420,16 @@ class AsyncQMPClient(ClientBase):
 
     # -- closing ----------------------------------------------------------
 
+    def _close_after_exit(self) -> None:
+        """QEMU has exited (or is being torn down): take in what it sent before
+        it went — a reply to a command in flight (`quit`'s above all), events,
+        the end of the stream — then close. Bounded: a live peer's flood
+        is read for one burst at most."""
+        for _ in range(_POLL_BURST):
+            if not self._on_readable():
+                break
+        self._lost("closed by the client")
+
     def close(self) -> None:
         """Close at once (no await needed); calls in flight fail with `Disconnected`."""
         self._lost("closed by the client")

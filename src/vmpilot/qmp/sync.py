@@ -54,6 +54,9 @@ _POLL_BURST = 64  # poll_events reads at most this many chunks (a flooding peer 
 _T = TypeVar("_T")
 
 
+_EXIT_DRAIN = 1.0  # seconds a teardown waits for another thread reading what QEMU left
+
+
 class QMPClient(ClientBase):
     """Blocking QMP client over a connected socket.
 
@@ -493,6 +496,28 @@ class QMPClient(ClientBase):
             yield event
 
     # -- closing ----------------------------------------------------------
+
+    def _close_after_exit(self, timeout: float = _EXIT_DRAIN) -> None:
+        """QEMU has exited (or is being torn down): take in what it sent before
+        it went — a reply to a command in flight (`quit`'s above all), events,
+        the end of the stream — so the calls waiting for them get them, then
+        close. Another thread reading gets it all itself; waiting for it is
+        bounded by `timeout`."""
+        deadline = Deadline(timeout)
+        with self._mutex:
+            while self._sock is not None:
+                if self._reading:
+                    remaining = deadline.remaining()
+                    if remaining == 0:
+                        break
+                    self._followers += 1
+                    try:
+                        self._cond.wait(remaining)
+                    finally:
+                        self._followers -= 1
+                elif not self._read(0):
+                    break
+            self._lost("closed by the client")
 
     def close(self) -> None:
         """Close the connection; a call blocked in another thread fails at once."""
