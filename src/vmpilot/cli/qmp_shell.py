@@ -131,8 +131,9 @@ class Shell:
 
     def __init__(
         self, backend: Backend, log: _Transcript, out: TextIO, *, hmp: bool = False,
-        validate: bool = True,
+        validate: bool = True, name: str = "QEMU",
     ) -> None:  # fmt: skip
+        self.name = name
         self.backend = backend
         self.log = log
         self.out = out
@@ -144,7 +145,7 @@ class Shell:
     def prompt(self) -> str:
         if self.reader.in_transaction:
             return "TRANS> "
-        return "(HMP) " if self.hmp else "(QEMU) "
+        return "(HMP) " if self.hmp else f"({self.name}) "
 
     def _error(self, message: str) -> bool:
         print(f"error: {message}", file=self.out, flush=True)
