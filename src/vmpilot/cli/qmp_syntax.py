@@ -154,6 +154,8 @@ class _Literal:
             items.append(item())
             if self.peek() == ",":
                 self.pos += 1
+            elif not self.peek():
+                self.fail(f"missing {close!r}")
             elif self.peek() != close:
                 self.fail(f"expected ',' or {close!r}")
         self.pos += 1
@@ -185,7 +187,7 @@ class _Literal:
             body = re.sub(r'\\(.)|"', lambda m: '\\"' if m.group() == '"' else
                           ("'" if m.group(1) == "'" else m.group()), body)  # fmt: skip
         try:
-            text: str = json.loads(f'"{body}"')
+            text: str = json.loads(f'"{body}"', strict=False)
         except ValueError as exc:
             raise ParseError(f"bad string {quote}{body}{quote}: {exc}") from None
         return text
