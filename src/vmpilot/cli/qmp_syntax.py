@@ -365,12 +365,19 @@ class Reader:
 def _type_at(schema: Schema, type_name: str, data: Any, path: Path) -> str | None:
     for part in path:
         t = schema.types.get(type_name, {})
+        if t.get("meta-type") == "alternate":  # the branch that fits the container given
+            kind = "object" if isinstance(data, Mapping) else "array"
+            fits = [m["type"] for m in t.get("members", [])
+                    if schema.types.get(m["type"], {}).get("meta-type") == kind]  # fmt: skip
+            if not fits:
+                return None
+            type_name, t = fits[0], schema.types[fits[0]]
         if t.get("meta-type") == "array":
             if not (isinstance(data, list) and part.isdigit() and int(part) < len(data)):
                 return None
             type_name, data = t["element-type"], data[int(part)]
             continue
-        if not isinstance(data, Mapping):
+        if t.get("meta-type") != "object" or not isinstance(data, Mapping):
             return None
         member = schema.members(type_name, data).get(part)
         if member is None:
