@@ -77,6 +77,9 @@ def test_bare_digits_go_as_a_string_where_the_schema_wants_one(
     # size is an int: sent as 1024; qom-set's value is "any": 1 stays a number
     assert rc == 1 and "GenericError" in out  # (the type property is read-only)
     assert "must be" not in out  # both passed validation
+    sizes = {n["node-name"]: n["image"]["virtual-size"]
+             for n in q.qmp.execute("query-named-block-nodes", {"flat": True})}  # fmt: skip
+    assert sizes["n7"] == 1024
     rc, out = qmp(path, "device_del id=123")  # id is a str: "123", not 123
     assert rc == 1 and "Device '123' not found" in out
 
@@ -169,7 +172,7 @@ def test_hmp_exit_status_follows_hmp_errors(any_qemu_unix: str, line: str, faile
 def test_hmp_error_forms() -> None:
     assert hmp_error("unknown command: 'info nonsense'\r\n") == "unknown command: 'info nonsense'"
     assert hmp_error("Error: Device 'x' not found\r\n") == "Error: Device 'x' not found"
-    text = 'invalid char \'z\' in expression\r\nTry "help sum" for more information\r\n'
+    text = "invalid char 'z' in expression\r\nTry \"help sum\" for more information\r\n"
     assert hmp_error(text) == "invalid char 'z' in expression"
     assert hmp_error("VM status: running\r\n") is None
     assert hmp_error("x /fmt addr -- virtual memory dump starting at 'addr'\r\n") is None

@@ -22,7 +22,9 @@ keys = st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True)
 
 
 @given(keys, json_values, st.sampled_from([None, 2]), st.booleans())
-def test_any_json_value_round_trips(key: str, value: Any, indent: int | None, compact: bool) -> None:
+def test_any_json_value_round_trips(
+    key: str, value: Any, indent: int | None, compact: bool
+) -> None:
     seps = (",", ":") if compact else None
     text = json.dumps(value, indent=indent, separators=seps)
     if indent:
