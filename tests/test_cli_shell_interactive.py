@@ -4,11 +4,21 @@ HMP completion. Keys are typed only once the prompt is on screen."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
+import pytest
 from conftest import RawQemu
-from test_cli_interactive import Terminals, on_screen, spawn  # noqa: F401  (fixture)
+from test_cli_interactive import Terminals, on_screen
+
+
+@pytest.fixture
+def spawn() -> Iterator[Terminals]:
+    terms = Terminals()
+    yield terms
+    for child in terms.children:
+        child.close(force=True)
 
 
 def test_transaction_mode_validation_and_json_at_the_prompt(
