@@ -20,11 +20,10 @@ from typing import Any
 
 from .._util.deadline import Deadline
 from ..errors import AgentGone, ValidationError
+from ..machine._common import AGENT_TIMEOUT  # the agent starts late in the guest's boot
 from ..qga import AsyncGuestAgent
 from .qmp_shell import Shell, _Transcript, interactive, run_commands, state_dir
 from .qmp_syntax import Command
-
-AGENT_TIMEOUT = 60.0  # the agent starts late in the guest's boot
 
 
 class AgentBackend:
