@@ -21,8 +21,10 @@ VMPILOT = [sys.executable, "-m", "vmpilot"]
 ENV = {**os.environ, "VMPILOT_QEMU": QEMU}
 
 
-def qmp(path: str, *lines: str, hmp: bool = False, log: Path | None = None) -> tuple[int, str]:
-    argv = [*VMPILOT, "qmp", path, *(["--hmp"] if hmp else [])]
+def qmp(
+    path: str, *lines: str, hmp: bool = False, log: Path | None = None, flags: tuple[str, ...] = ()
+) -> tuple[int, str]:
+    argv = [*VMPILOT, "qmp", path, *(["--hmp"] if hmp else []), *flags]
     argv += ["--log", str(log)] if log else []
     for line in lines:
         argv += ["-c", line]
@@ -80,8 +82,9 @@ def test_bare_digits_go_as_a_string_where_the_schema_wants_one(
     sizes = {n["node-name"]: n["image"]["virtual-size"]
              for n in q.qmp.execute("query-named-block-nodes", {"flat": True})}  # fmt: skip
     assert sizes["n7"] == 1024
-    rc, out = qmp(path, "device_del id=123")  # id is a str: "123", not 123
+    rc, out = qmp(path, "device_del id=123", flags=("-v",))  # id is a str: "123", not 123
     assert rc == 1 and "Device '123' not found" in out
+    assert out.startswith('{"execute": "device_del", "arguments": {"id": "123"}}\n')  # -v echoes
 
 
 def test_transaction_one_line_and_over_several_c(qemu_unix: tuple[RawQemu, str]) -> None:

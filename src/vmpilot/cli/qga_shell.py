@@ -88,7 +88,8 @@ async def qga_main(args: argparse.Namespace) -> int:
         await agent.sync(timeout=deadline)
         info = await agent.info(timeout=deadline)
         backend = AgentBackend(agent, info, args.timeout)
-        shell = Shell(backend, log, sys.stdout, name="QGA", validate=not args.no_validate)
+        shell = Shell(backend, log, sys.stdout, name="QGA", validate=not args.no_validate,
+                      verbose=args.verbose)  # fmt: skip
         if args.command:
             return await run_commands(shell, args.command)
         banner = (
@@ -116,6 +117,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--log", metavar="FILE", help="append a JSON-lines transcript to FILE")
     p.add_argument("--no-validate", action="store_true",
                    help="send commands the agent did not list")  # fmt: skip
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="echo each command as the JSON sent")  # fmt: skip
     p.add_argument("--timeout", type=float, default=AGENT_TIMEOUT,
                    help="wait this long for the agent, and for each answer (s)")  # fmt: skip
     p.set_defaults(func=lambda a: asyncio.run(qga_main(a)))

@@ -131,9 +131,10 @@ class Shell:
 
     def __init__(
         self, backend: Backend, log: _Transcript, out: TextIO, *, hmp: bool = False,
-        validate: bool = True, name: str = "QEMU",
+        validate: bool = True, name: str = "QEMU", verbose: bool = False,
     ) -> None:  # fmt: skip
         self.name = name
+        self.verbose = verbose
         self.backend = backend
         self.log = log
         self.out = out
@@ -184,7 +185,10 @@ class Shell:
                 self.backend.check(command)
             except ValidationError as exc:
                 return self._error(f"{exc} (not sent)")
-        self.log.write("command", {"execute": command.name, "arguments": command.arguments})
+        sent = {"execute": command.name, "arguments": command.arguments}
+        if self.verbose:
+            print(json.dumps({k: v for k, v in sent.items() if v is not None}), file=self.out)
+        self.log.write("command", sent)
         try:
             result = await self.backend.execute(command)
         except (CommandError, AgentError) as exc:
@@ -412,7 +416,8 @@ async def qmp_main(args: argparse.Namespace) -> int:
             interactive_hmp = args.hmp and not args.command
             hmp_names = await hmp_command_names(qmp) if interactive_hmp else []
             backend = QMPBackend(qmp, schema, hmp_names)
-            shell = Shell(backend, log, sys.stdout, hmp=args.hmp, validate=not args.no_validate)
+            shell = Shell(backend, log, sys.stdout, hmp=args.hmp, validate=not args.no_validate,
+                          verbose=args.verbose)  # fmt: skip
             if args.command:
                 return await run_commands(shell, args.command)
             qmp.add_listener(lambda ev: print(format_event(ev), flush=True))
@@ -458,6 +463,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--no-validate", action="store_true",
                    help="send commands without checking them against the schema first")  # fmt: skip
     p.add_argument("--log", metavar="FILE", help="append a JSON-lines transcript to FILE")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="echo each command as the JSON sent (as qmp-shell -v)")  # fmt: skip
+    p.add_argument("-p", "--pretty", action="store_true",
+                   help="as qmp-shell -p (answers are always pretty-printed)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=60.0, help="per-command timeout (s)")
     p.set_defaults(func=lambda a: asyncio.run(qmp_main(a)))
 
