@@ -101,6 +101,12 @@ def test_transaction_one_line_and_over_several_c(qemu_unix: tuple[RawQemu, str])
     assert [b["name"] for b in node["dirty-bitmaps"]] == ["b0"]
     rc, out = qmp(path, "transaction( block-dirty-bitmap-ad node=drive0 name=b2 )")
     assert rc == 1 and "did you mean 'block-dirty-bitmap-add'" in out
+    # a bad action on the closing line is refused and the transaction stays open
+    rc, out = qmp(path, "transaction(", "block-dirty-bitmap-add node=drive0 name=b3",
+                  "block-dirty-bitmap-ad node=drive0 name=b4 )", ")")  # fmt: skip
+    assert rc == 1 and out.count("error:") == 1 and out.endswith("{}\n")
+    [node] = [n for n in q.qmp.execute("query-named-block-nodes") if n["node-name"] == "drive0"]
+    assert sorted(b["name"] for b in node["dirty-bitmaps"]) == ["b0", "b3"]
     rc, out = qmp(path, "transaction(", "abort")
     assert rc == 1 and "was not closed with ')': nothing sent" in out
 

@@ -161,3 +161,21 @@ def test_a_bad_line_in_a_transaction_changes_nothing() -> None:
     with pytest.raises(ParseError):
         fresh.feed("transaction( a x")
     assert not fresh.in_transaction
+
+
+def test_a_transaction_checked_line_by_line_stays_open_when_its_last_action_fails() -> None:
+    def check(cmd: Command) -> None:
+        assert cmd.arguments is not None
+        if any(a["type"] == "bad" for a in cmd.arguments["actions"]):
+            raise ValueError("bad action")
+
+    r = Reader()
+    r.feed("transaction( good x=1", check)
+    with pytest.raises(ValueError, match="bad action"):
+        r.feed("bad y=2 )", check)
+    assert r.in_transaction
+    [cmd] = r.feed(")", check)
+    assert cmd.arguments == {"actions": [{"type": "good", "data": {"x": 1}}]}
+    with pytest.raises(ValueError):
+        r.feed("transaction( bad )", check)
+    assert not r.in_transaction

@@ -158,14 +158,9 @@ class Shell:
         if self.hmp and not line.lstrip().startswith("{"):
             commands = [Command("human-monitor-command", {"command-line": line})]
         else:
-            kept = len(self.reader.actions or [])
-            try:
-                commands = self.reader.feed(line)
-                if self.reader.in_transaction and self.validate:
-                    self.backend.check(self.reader.pending())  # each action as it is typed
+            try:  # a transaction is checked as each line of actions is typed
+                commands = self.reader.feed(line, self.backend.check if self.validate else None)
             except (ParseError, ValidationError) as exc:
-                if self.reader.in_transaction:
-                    self.reader.rollback(kept)
                 return self._error(str(exc))
         ok = True
         for command in commands:

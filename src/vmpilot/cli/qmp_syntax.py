@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
@@ -291,19 +291,21 @@ class Reader:
     def in_transaction(self) -> bool:
         return self.actions is not None
 
-    def feed(self, line: str) -> list[Command]:
-        """The commands `line` completes; a line that fails changes nothing."""
+    def feed(self, line: str, check: Callable[[Command], None] | None = None) -> list[Command]:
+        """The commands `line` completes; a line that fails changes nothing.
+        `check` (validation) sees the transaction after each line's actions,
+        before `)` closes it: a bad last action leaves the transaction open."""
         kept = None if self.actions is None else len(self.actions)
         try:
-            return self._feed(line)
-        except ParseError:
+            return self._feed(line, check)
+        except ValueError:  # ParseError, or the ValidationError of `check`
             if kept is None:
                 self.actions, self.action_bare = None, []
             else:
                 self.rollback(kept)
             raise
 
-    def _feed(self, line: str) -> list[Command]:
+    def _feed(self, line: str, check: Callable[[Command], None] | None) -> list[Command]:
         stripped = line.strip()
         if self.actions is None and stripped.startswith("{"):
             return [parse_json_command(stripped)]
@@ -328,6 +330,8 @@ class Reader:
             elif part:
                 self._action(part)
                 part = []
+        if check is not None:
+            check(self.pending())
         if not close:
             return []
         command = self.pending()
