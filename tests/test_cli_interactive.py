@@ -165,7 +165,7 @@ def test_run_errors_are_one_line() -> None:
 
 @pytest.mark.parametrize("flag", ["--help"])
 def test_every_command_has_help(flag: str) -> None:
-    for cmd in (["demo"], ["run"], ["qmp"], ["events"], ["guest"], ["guest", "build"]):
+    for cmd in (["demo"], ["run"], ["qmp"], ["qga"], ["events"], ["guest"], ["guest", "build"]):
         r = cli(*cmd, flag)
         assert r.returncode == 0 and "usage: vmpilot" in r.stdout, cmd
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import VMError
-from . import compat_cmd, demo, guest_cmd, qmp_shell, run
+from . import compat_cmd, demo, guest_cmd, qga_shell, qmp_shell, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     run.add_parser(sub)
     qmp_shell.add_parsers(sub)
+    qga_shell.add_parser(sub)
     guest_cmd.add_parser(sub)
     compat_cmd.add_parser(sub)
     return parser

@@ -1,10 +1,13 @@
 """`vmpilot qmp TARGET`: an interactive QMP shell, and `vmpilot events TARGET`.
 
-Input is `command key=value ...` (values are JSON when they parse as JSON,
-strings otherwise; `a.b=1` nests), or a raw JSON command object. With
-prompt_toolkit installed (`pip install 'vmpilot[shell]'`) command names,
-argument names and enum values complete from the connected QEMU's own schema;
-without it a plain prompt is used. Events are printed as they arrive.
+Input is qmp-shell's syntax (see `qmp_syntax`): `command key=value ...` with
+JSON values and nested keys, a raw JSON command object, or `transaction(` ...
+`)`. Every command is checked against the connected QEMU's schema before it is
+sent ("did you mean ...?"). With prompt_toolkit installed (`pip install
+'vmpilot[shell]'`) command names, argument names and enum values complete from
+that schema; without it a plain prompt is used. Events are printed as they
+arrive. The `Shell` here also serves the guest agent (`qga_shell`) through
+another `Backend`.
 """
 
 from __future__ import annotations
@@ -12,62 +15,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import json
 import os
-import shlex
 import stat
 import sys
 import time
-from collections.abc import Iterable
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TextIO
 
-from ..errors import CommandError, Disconnected, QMPError
+from ..errors import AgentError, CommandError, Disconnected, ValidationError, VMError
 from ..qmp import AsyncQMPClient, Event
-from ..qmp.schema import Schema
-
-
-class ParseError(ValueError):
-    pass
-
-
-def parse_line(line: str) -> tuple[str, dict[str, Any] | None]:
-    """`cmd k=v ...` or a JSON object → (command, arguments)."""
-    line = line.strip()
-    if line.startswith("{"):
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ParseError(f"invalid JSON: {exc}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("execute"), str):
-            raise ParseError('a JSON command needs "execute": "<name>"')
-        given = obj.get("arguments")
-        if given is not None and not isinstance(given, dict):
-            raise ParseError('"arguments" must be a JSON object')
-        return obj["execute"], given
-    try:
-        words = shlex.split(line)
-    except ValueError as exc:
-        raise ParseError(str(exc)) from None
-    if not words:
-        raise ParseError("empty command")
-    args: dict[str, Any] = {}
-    for word in words[1:]:
-        key, sep, raw = word.partition("=")
-        if not sep or not key:
-            raise ParseError(f"expected key=value, got {word!r}")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        target: dict[str, Any] = args
-        *parents, leaf = key.split(".")
-        for p in parents:
-            nested = target.setdefault(p, {})
-            if not isinstance(nested, dict):
-                raise ParseError(f"{key!r}: {p!r} is already a value")
-            target = nested
-        target[leaf] = value
-    return words[0], args or None
+from ..qmp.schema import Member, Schema
+from .qmp_syntax import Command, ParseError, Reader, coerce, parse_arguments, split_words
 
 
 def state_dir() -> str:
@@ -134,106 +94,289 @@ class _Transcript:
             self._f.close()
 
 
-async def run_one(qmp: AsyncQMPClient, line: str, hmp: bool, log: _Transcript, out: TextIO) -> bool:
-    """Execute one input line; print the answer; True on success."""
-    args: dict[str, Any] | None
-    try:
-        if hmp and not line.lstrip().startswith("{"):
-            name, args = "human-monitor-command", {"command-line": line}
+class Backend(Protocol):
+    """What differs between the QMP shell and the guest-agent shell."""
+
+    history_name: str  # file in the state directory
+
+    def check(self, command: Command) -> None:
+        """Raise `ValidationError` for a command that cannot be right; may
+        fix up `command` (bare words to strings where the schema says so)."""
+
+    async def execute(self, command: Command) -> Any:
+        """Send; the result, or `CommandError`/`AgentError`/another `VMError`."""
+
+    def completions(self, text: str, in_transaction: bool) -> list[tuple[str, int]]:
+        """(candidate, how many characters before the cursor it replaces)."""
+
+
+def hmp_error(output: str) -> str | None:
+    """The line of HMP's text output that reports an error, if one does.
+
+    HMP answers every command with text (the QMP reply is a success), so errors
+    are recognised by the forms QEMU 7.2 to 10.0 print: `unknown command: 'x'`,
+    `Error: ...` (an `Error *` reported by the command), and an argument parse
+    failure followed by `Try "help x" for more information`."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(("unknown command:", "Error: ")):
+            return line
+        if line.startswith('Try "help') and line.endswith('" for more information'):
+            return lines[i - 1] if i else line
+    return None
+
+
+class Shell:
+    """Reads lines, validates, sends, prints; one per connection."""
+
+    def __init__(
+        self, backend: Backend, log: _Transcript, out: TextIO, *, hmp: bool = False,
+        validate: bool = True, name: str = "QEMU", verbose: bool = False,
+    ) -> None:  # fmt: skip
+        self.name = name
+        self.verbose = verbose
+        self.backend = backend
+        self.log = log
+        self.out = out
+        self.hmp = hmp
+        self.validate = validate
+        self.reader = Reader()
+
+    @property
+    def prompt(self) -> str:
+        if self.reader.in_transaction:
+            return "TRANS> "
+        return "(HMP) " if self.hmp else f"({self.name}) "
+
+    def _error(self, message: str) -> bool:
+        print(f"error: {message}", file=self.out, flush=True)
+        return False
+
+    async def run_line(self, line: str) -> bool:
+        """Execute one input line (or add it to the open transaction); print
+        the answer; True on success."""
+        if self.hmp and not line.lstrip().startswith("{"):
+            commands = [Command("human-monitor-command", {"command-line": line})]
         else:
-            name, args = parse_line(line)
-    except ParseError as exc:
-        print(f"error: {exc}", file=out)
-        return False
-    log.write("command", {"execute": name, "arguments": args})
-    try:
-        result = await qmp.execute(name, args)
-    except CommandError as exc:
-        log.write("error", {"class": exc.error_class, "desc": exc.desc})
-        print(f"error: {exc.error_class}: {exc.desc}", file=out)
-        return False
-    except QMPError as exc:
-        print(f"error: {exc}", file=out)
-        return False
-    log.write("return", result)
-    if hmp and isinstance(result, str):
-        print(result, end="" if result.endswith("\n") else "\n", file=out)
+            try:  # a transaction is checked as each line of actions is typed
+                commands = self.reader.feed(line, self.backend.check if self.validate else None)
+            except (ParseError, ValidationError) as exc:
+                return self._error(str(exc))
+        ok = True
+        for command in commands:
+            ok = await self._run(command) and ok
+        return ok
+
+    async def finish(self) -> bool:
+        """End of input: an open transaction is an error (nothing was sent)."""
+        if self.reader.in_transaction:
+            self.reader.cancel()
+            return self._error("transaction( was not closed with ')': nothing sent")
+        return True
+
+    async def _run(self, command: Command) -> bool:
+        if self.validate:
+            try:
+                self.backend.check(command)
+            except ValidationError as exc:
+                return self._error(f"{exc} (not sent)")
+        sent = {"execute": command.name, "arguments": command.arguments}
+        if self.verbose:
+            print(json.dumps({k: v for k, v in sent.items() if v is not None}), file=self.out)
+        self.log.write("command", sent)
+        try:
+            result = await self.backend.execute(command)
+        except (CommandError, AgentError) as exc:
+            self.log.write("error", {"class": exc.error_class, "desc": exc.desc})
+            return self._error(f"{exc.error_class}: {exc.desc}")
+        except VMError as exc:
+            return self._error(str(exc))
+        self.log.write("return", result)
+        if self.hmp and isinstance(result, str):
+            print(result.replace("\r\n", "\n"), end="" if result.endswith("\n") else "\n",
+                  file=self.out, flush=True)  # fmt: skip
+            return hmp_error(result) is None
+        print(json.dumps(result, indent=2), file=self.out, flush=True)
+        return True
+
+
+class QMPBackend:
+    """The QMP side: the live schema validates and completes."""
+
+    history_name = "qmp-history"
+
+    def __init__(self, qmp: AsyncQMPClient, schema: Schema, hmp_commands: list[str]) -> None:
+        self.qmp = qmp
+        self.schema = schema
+        self.hmp_commands = hmp_commands
+
+    def check(self, command: Command) -> None:
+        if command.name == "human-monitor-command":
+            return
+        coerce(self.schema, command)
+        cmd = self.schema.commands.get(command.name)
+        if cmd is not None:
+            check_tags(self.schema, cmd.get("arg-type", ""), command.arguments or {}, command.name)
+        self.schema.validate(command.name, command.arguments)
+
+    async def execute(self, command: Command) -> Any:
+        return await self.qmp.execute(command.name, command.arguments)
+
+    def completions(self, text: str, in_transaction: bool) -> list[tuple[str, int]]:
+        if self.hmp_commands:
+            return [(c, len(text)) for c in self.hmp_commands if c.startswith(text)]
+        return qmp_completions(self.schema, text, in_transaction)
+
+
+def check_tags(schema: Schema, type_name: str, value: Any, where: str) -> None:
+    """A union's tag (`driver=`, a transaction action's `type`) checked first:
+    with a wrong tag, the schema's check would only complain about the
+    arguments of the branch it could not select."""
+    t = schema.types.get(type_name, {})
+    if t.get("meta-type") == "array" and isinstance(value, list):
+        for i, item in enumerate(value):
+            check_tags(schema, t["element-type"], item, f"{where}[{i}]")
+    if t.get("meta-type") != "object" or not isinstance(value, dict):
+        return
+    members = schema.members(type_name, value)
+    tag = t.get("tag")
+    if tag in value and tag in members:
+        values = schema.enum_values(members[tag].type)
+        if values and value[tag] not in values:
+            close = difflib.get_close_matches(str(value[tag]), values, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValidationError(f"{where}.{tag} cannot be {value[tag]!r}{hint}")
+    for name, member in members.items():
+        if name in value and name != tag:
+            check_tags(schema, member.type, value[name], f"{where}.{name}")
+
+
+def _transaction_action(schema: Schema) -> str:
+    actions = schema.arguments("transaction").get("actions")
+    element = schema.types.get(actions.type, {}) if actions else {}
+    return str(element.get("element-type", ""))
+
+
+def transaction_types(schema: Schema) -> list[str]:
+    """The action names `transaction` takes, from the schema."""
+    action = _transaction_action(schema)
+    tag = schema.members(action, {}).get("type")
+    return schema.enum_values(tag.type) if tag else []
+
+
+def _action_members(schema: Schema, name: str, given: dict[str, Any]) -> dict[str, Member]:
+    action = _transaction_action(schema)
+    data = schema.members(action, {"type": name}).get("data")
+    return schema.members(data.type, given) if data else {}
+
+
+def qmp_completions(schema: Schema, text: str, in_transaction: bool) -> list[tuple[str, int]]:
+    """What the word before the cursor can become: a command (or transaction
+    action) name, an argument name (those not given yet), or an enum value."""
+    words = split_words(text, partial=True)
+    if not words or text[-1:].isspace():
+        words.append("")
+    word = words[-1]
+    opened = [i for i, w in enumerate(words[:-1]) if w in ("transaction(", ";")]
+    if in_transaction or opened:
+        start = opened[-1] + 1 if opened else 0
+        words = words[start:]
+        names = transaction_types(schema)
     else:
-        print(json.dumps(result, indent=2), file=out)
-    return True
+        names = schema.command_names()
+    if len(words) == 1:
+        return [(n, len(word)) for n in names if n.startswith(word)]
+    try:
+        given, _ = parse_arguments(words[1:-1])
+    except ParseError:
+        given = {}
+    if in_transaction or opened:
+        members = _action_members(schema, words[0], given)
+    else:
+        members = schema.arguments(words[0], given)
+    key, eq, value = word.partition("=")
+    if not eq:
+        return [(n + "=", len(word)) for n in members if n.startswith(key) and n not in given]
+    if key in members:
+        values = schema.enum_values(members[key].type)
+        return [(v, len(value)) for v in values if v.startswith(value)]
+    return []
 
 
-def _completer(schema: Schema) -> Any:
+async def hmp_command_names(qmp: AsyncQMPClient) -> list[str]:
+    """HMP's commands (and `info` topics), from its own `help` text."""
+    names: list[str] = []
+    for topic, prefix in (("help", ""), ("info", "info ")):
+        text = await qmp.execute("human-monitor-command", {"command-line": topic})
+        for line in str(text).splitlines():
+            first = line.split(" ", 1)[0]
+            if prefix:
+                first = line.split(" ", 2)[1] if line.startswith("info ") else ""
+            for name in first.split("|"):
+                if name and name[0].isalpha() and name != "info":
+                    names.append(prefix + name)
+    return sorted(set(names))
+
+
+def _toolkit_completer(backend: Backend, shell: Shell) -> Any:
     from prompt_toolkit.completion import Completer, Completion
 
-    class QMPCompleter(Completer):
+    class ShellCompleter(Completer):
         def get_completions(self, document: Any, complete_event: Any) -> Iterable[Any]:
-            text = document.text_before_cursor
-            words = text.split(" ")
-            word = words[-1]
-            if len(words) == 1:
-                for name in schema.command_names():
-                    if name.startswith(word):
-                        yield Completion(name, -len(word))
-                return
-            try:
-                _, given = parse_line(" ".join(words[:-1]))
-            except ParseError:
-                given = None
-            members = schema.arguments(words[0], given)
-            key, eq, value = word.partition("=")
-            if not eq:
-                for name in members:
-                    if name.startswith(key) and name not in (given or {}):
-                        yield Completion(name + "=", -len(word))
-            elif key in members:
-                for v in schema.enum_values(members[key].type):
-                    if v.startswith(value):
-                        yield Completion(v, -len(value))
+            found = backend.completions(document.text_before_cursor, shell.reader.in_transaction)
+            for text, replaces in found:
+                yield Completion(text, -replaces)
 
-    return QMPCompleter()
+    return ShellCompleter()
 
 
-async def interactive(qmp: AsyncQMPClient, args: argparse.Namespace, log: _Transcript) -> int:
-    history = os.path.join(_private_state_dir(), "qmp-history")
+async def interactive(shell: Shell, banner: str, closed: Callable[[], bool]) -> int:
+    """The prompt loop: prompt_toolkit when installed, else `input()`."""
+    history = os.path.join(_private_state_dir(), shell.backend.history_name)
     _private_history(history)
-    prompt = "(HMP) " if args.hmp else "(QEMU) "
+    print(banner, flush=True)
     use_toolkit = _has_prompt_toolkit() and not os.environ.get("VMPILOT_PLAIN_PROMPT")
-    qmp.add_listener(lambda ev: print(format_event(ev), flush=True))
-    greeting = qmp.greeting
-    version = ".".join(map(str, greeting.qemu_version)) if greeting else "?"
-    print(f"Connected to QEMU {version} at {qmp.name}; Ctrl-D to leave.", flush=True)
     if use_toolkit:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.history import FileHistory
         from prompt_toolkit.patch_stdout import patch_stdout
 
-        schema = await qmp.fetch_schema()
         session: Any = PromptSession(
             history=FileHistory(history),
-            completer=None if args.hmp else _completer(schema),
+            completer=_toolkit_completer(shell.backend, shell),
             complete_while_typing=False,
         )
         with patch_stdout(raw=True):
-            while not qmp.closed:
+            while not closed():
                 try:
-                    line = await session.prompt_async(prompt)
+                    line = await session.prompt_async(shell.prompt)
                 except (EOFError, KeyboardInterrupt):
                     break
                 if line.strip():
-                    await run_one(qmp, line, args.hmp, log, sys.stdout)
+                    await shell.run_line(line)
+        await shell.finish()
         return 0
     loop = asyncio.get_running_loop()
     with _readline_history(history):
-        while not qmp.closed:
+        while not closed():
             try:
-                line = await loop.run_in_executor(None, input, prompt)
+                line = await loop.run_in_executor(None, input, shell.prompt)
             except (EOFError, KeyboardInterrupt):
                 print()
                 break
             if line.strip():
-                await run_one(qmp, line, args.hmp, log, sys.stdout)
+                await shell.run_line(line)
+    await shell.finish()
     return 0
+
+
+async def run_commands(shell: Shell, lines: list[str]) -> int:
+    """`-c` lines in order; exit status 1 if any failed (or left a transaction open)."""
+    ok = True
+    for line in lines:
+        ok = await shell.run_line(line) and ok
+    ok = await shell.finish() and ok
+    return 0 if ok else 1
 
 
 def _has_prompt_toolkit() -> bool:
@@ -264,12 +407,19 @@ async def qmp_main(args: argparse.Namespace) -> int:
     log = _Transcript(args.log)
     try:
         async with AsyncQMPClient.connect(args.target, timeout=args.timeout) as qmp:
+            schema = await qmp.fetch_schema()
+            interactive_hmp = args.hmp and not args.command
+            hmp_names = await hmp_command_names(qmp) if interactive_hmp else []
+            backend = QMPBackend(qmp, schema, hmp_names)
+            shell = Shell(backend, log, sys.stdout, hmp=args.hmp, validate=not args.no_validate,
+                          verbose=args.verbose)  # fmt: skip
             if args.command:
-                ok = True
-                for line in args.command:
-                    ok = await run_one(qmp, line, args.hmp, log, sys.stdout) and ok
-                return 0 if ok else 1
-            return await interactive(qmp, args, log)
+                return await run_commands(shell, args.command)
+            qmp.add_listener(lambda ev: print(format_event(ev), flush=True))
+            greeting = qmp.greeting
+            version = ".".join(map(str, greeting.qemu_version)) if greeting else "?"
+            banner = f"Connected to QEMU {version} at {qmp.name}; Ctrl-D to leave."
+            return await interactive(shell, banner, lambda: qmp.closed)
     finally:
         log.close()
 
@@ -295,14 +445,23 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="interactive QMP shell",
         description="Talk to QEMU over QMP. TARGET is a unix socket path or host:port "
         "(QEMU started with -qmp unix:PATH,server=on,wait=off). Input: `command key=value "
-        "...` (JSON values; a.b=1 nests) or a JSON object. History is kept in "
+        "...` (JSON values; a.b=1 nests) or a JSON object; `transaction(` ... `)` sends "
+        "actions as one transaction. Commands are checked against QEMU's schema before "
+        "they are sent. History is kept in "
         f"{os.path.join(state_dir(), 'qmp-history')}.",
     )
     p.add_argument("target", help="unix socket path or host:port")
     p.add_argument("-c", dest="command", action="append", metavar="CMD",
                    help="run CMD and exit (repeatable); exit status 1 if any failed")  # fmt: skip
-    p.add_argument("--hmp", action="store_true", help="HMP mode (human-monitor-command)")
+    p.add_argument("--hmp", action="store_true",
+                   help="HMP mode; exit status 1 when HMP prints an error")  # fmt: skip
+    p.add_argument("--no-validate", action="store_true",
+                   help="send commands without checking them against the schema first")  # fmt: skip
     p.add_argument("--log", metavar="FILE", help="append a JSON-lines transcript to FILE")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="echo each command as the JSON sent (as qmp-shell -v)")  # fmt: skip
+    p.add_argument("-p", "--pretty", action="store_true",
+                   help="as qmp-shell -p (answers are always pretty-printed)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=60.0, help="per-command timeout (s)")
     p.set_defaults(func=lambda a: asyncio.run(qmp_main(a)))
 
