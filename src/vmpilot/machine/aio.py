@@ -208,7 +208,7 @@ class _AsyncIO:
         if "qtest" in socks:
             vm._qtest = AsyncQtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
-        vm._qmp = AsyncQMPClient(socks["qmp"])
+        vm._qmp = AsyncQMPClient(socks["qmp"], name=name)
         life.on_cleanup.insert(0, vm._qmp.close)
 
     def _stop_watching(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -213,7 +213,7 @@ class _SyncIO:
         if "qtest" in socks:
             vm._qtest = Qtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
-        vm._qmp = QMPClient(socks["qmp"])
+        vm._qmp = QMPClient(socks["qmp"], name=name)
         life.on_cleanup.insert(0, vm._qmp.close)
 
     def read_greeting(self, deadline: Deadline) -> None:
