@@ -587,7 +587,8 @@ class QMPServer:
         try:
             response = await asyncio.wrap_future(self._upstream.forward(relay.message))
         except (QMPError, RuntimeError) as exc:
-            # RuntimeError: the upstream stopped taking commands (closing)  # the upstream connection is gone: so is QEMU's monitor
+            # the upstream connection is gone (so is QEMU's monitor), or it
+            # stopped taking commands (RuntimeError: the server is closing)
             client.send(relay.reply(_error("GenericError", f"vmpilot: {exc}")))
             client.writer.close()
             return
