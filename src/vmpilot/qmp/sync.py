@@ -20,6 +20,7 @@ the deadline and changed only when it must be (see `_fit_rcvtimeo`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import select
 import socket
@@ -43,6 +44,7 @@ from ._client import (
     message_command,
     reply_message,
     send_failed,
+    traffic,
 )
 from .events import NameFilter, describe
 from .protocol import DEFAULT_MAX_LINE, ConnectionLost, ErrorReply, Event, Greeting, Item, Reply
@@ -52,6 +54,7 @@ _RECV = 65536
 _TIMEVAL = struct.Struct("@ll")  # struct timeval
 _POLL_BURST = 64  # poll_events reads at most this many chunks (a flooding peer cannot pin it)
 _T = TypeVar("_T")
+_DEBUG = logging.DEBUG
 
 
 class QMPClient(ClientBase):
@@ -281,6 +284,8 @@ class QMPClient(ClientBase):
                     raise self._gone(f"sending {name!r}")
                 id_, data = encode()
                 self._users += 1
+            if traffic.isEnabledFor(_DEBUG):
+                self._log_sent(data)
             try:
                 try:  # the common case inline: all of it at once
                     sent = -1 if fds else sock.send(data, socket.MSG_DONTWAIT)
@@ -439,6 +444,8 @@ class QMPClient(ClientBase):
         self._rcvtimeo = sec + usec / 1e6
 
     def _dispatch(self, items: list[Item]) -> None:
+        if traffic.isEnabledFor(_DEBUG):
+            self._log_received(items)
         for item in items:
             if isinstance(item, (Reply, ErrorReply)):
                 self._replies[item.id] = item
