@@ -88,6 +88,7 @@ class Lifecycle:
         self._lock = threading.RLock()
         self._cleaned = False
         self.on_cleanup: list[Callable[[], None]] = []
+        self._signals_logged: set[int] = set()
 
     # -- the state machine (no waiting here) ------------------------------
 
@@ -227,7 +228,8 @@ class Lifecycle:
 
     def kill_process(self, sig: int = signal.SIGKILL) -> None:
         if self.process is not None:
-            if self.process.returncode is None:
+            if self.process.returncode is None and sig not in self._signals_logged:
+                self._signals_logged.add(sig)
                 log.info("%s: killing QEMU (%s)", self.label, signal.Signals(sig).name)
             self.process.kill(sig)
 

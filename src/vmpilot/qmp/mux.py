@@ -551,7 +551,9 @@ class QMPServer:
                     break
                 for value in values:
                     await self._handle(client, value)
-        except (ConnectionError, OSError) as exc:
+        except ConnectionError:
+            why = "disconnected"  # with data of ours unread
+        except OSError as exc:
             why = f"dropped: {exc}"
         except asyncio.CancelledError:
             why = "dropped: the server is closing"  # ends here (asyncio's streams log a re-raise)
