@@ -88,12 +88,6 @@ def test_async_traffic_is_logged_too(caplog: pytest.LogCaptureFixture) -> None:
 def test_disabled_traffic_logging_formats_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """With DEBUG off, no message text is built (the guard is checked first)."""
     built: list[Any] = []
-
-    class Spy:
-        def __repr__(self) -> str:
-            built.append(1)
-            return "spy"
-
     logging.getLogger("vmpilot").setLevel(logging.INFO)
     try:
         from vmpilot.qmp import _client
