@@ -33,7 +33,10 @@ CRASH_NOTE_TAIL = 1000
 
 
 def _summary(argv: list[str], head: int = 12) -> str:
-    """The command line, shortened for an INFO line (DEBUG has all of it)."""
+    """The command line, shortened for an INFO line (DEBUG has all of it);
+    never cut between an option and its value."""
+    if head < len(argv) and argv[head - 1].startswith("-"):
+        head += 1
     shown = [os.path.basename(argv[0]), *argv[1:head]]
     more = len(argv) - head
     return " ".join(shown) + (f" ... (+{more} args)" if more > 0 else "")
