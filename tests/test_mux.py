@@ -174,6 +174,18 @@ def test_garbage_and_disconnects_affect_only_their_client(vm: Machine, tmp_path:
     wait_for(lambda: server.clients == 2, "the two dropped clients to be gone")
 
 
+def test_a_client_that_stops_reading_is_dropped_alone(vm: Machine, tmp_path: Path) -> None:
+    with serve(vm.qmp, tmp_path / "qmp.sock", max_backlog=4096) as server:
+        good = Raw(server.path).negotiated()
+        deaf = Raw(server.path).negotiated()
+        for i in range(40):  # replies of ~100 KiB each, never read
+            deaf.send({"execute": "query-qmp-schema", "id": i})
+        wait_for(lambda: server.clients == 1, "the deaf client to be dropped")
+        good.send({"execute": "query-name", "id": 1})
+        assert good.line() == {"return": {}, "id": 1}
+        assert vm.execute("query-status")["running"] is True
+
+
 def test_quit_from_a_client_ends_the_vm_as_asked(tmp_path: Path) -> None:
     with Machine(machine="none", memory=32, accel="tcg", qemu=QEMU) as vm:
         server = vm.serve_qmp(tmp_path / "qmp.sock")

@@ -16,8 +16,8 @@ commands over one upstream client (the Machine's own connection):
   its `exec-oob` commands go at once;
 - a client that disconnects, sends garbage or stops reading affects only
   itself (garbage is answered with an error, as QEMU does; a message over
-  the size limit or a client that lets `MAX_BACKLOG` bytes pile up is
-  dropped);
+  the size limit or a client that lets `max_backlog` bytes pile up
+  unread is dropped);
 - `quit` is relayed like any command: QEMU exits, and the Machine sees it
   exit (see `Machine.serve_qmp`).
 
@@ -371,11 +371,16 @@ class AsyncUpstream:
             self._loop.call_soon_threadsafe(remove)
 
 
-def serve(client: QMPClient | AsyncQMPClient, path: str | os.PathLike[str]) -> QMPServer:
+def serve(
+    client: QMPClient | AsyncQMPClient,
+    path: str | os.PathLike[str],
+    *,
+    max_backlog: int = MAX_BACKLOG,
+) -> QMPServer:
     """Serve QMP on a new unix socket at `path` through `client`'s connection."""
     if isinstance(client, QMPClient):
-        return QMPServer(SyncUpstream(client), path)
-    return QMPServer(AsyncUpstream(client), path)
+        return QMPServer(SyncUpstream(client), path, max_backlog=max_backlog)
+    return QMPServer(AsyncUpstream(client), path, max_backlog=max_backlog)
 
 
 # -- the server -------------------------------------------------------------
@@ -389,8 +394,11 @@ def _peer_pid(sock: Any) -> str:
 
 
 class _Client:
-    def __init__(self, name: str, writer: asyncio.StreamWriter, caps: list[str]) -> None:
+    def __init__(
+        self, name: str, writer: asyncio.StreamWriter, caps: list[str], max_backlog: int
+    ) -> None:
         self.name = name
+        self.max_backlog = max_backlog
         self.writer = writer
         self.session = Session(caps)
         self.oob_tasks: set[asyncio.Task[None]] = set()
@@ -398,8 +406,8 @@ class _Client:
     def send(self, msg: dict[str, Any]) -> None:
         if self.writer.is_closing():
             return
-        if self.writer.transport.get_write_buffer_size() > MAX_BACKLOG:
-            log.warning("%s: dropped (left %d bytes unread)", self.name, MAX_BACKLOG)
+        if self.writer.transport.get_write_buffer_size() > self.max_backlog:
+            log.warning("%s: dropped (left over %d bytes unread)", self.name, self.max_backlog)
             self.writer.transport.abort()
             return
         if log.isEnabledFor(logging.DEBUG):
@@ -413,8 +421,11 @@ class QMPServer:
     Created listening; `close()` (idempotent, any thread) stops it, drops
     its clients and removes the socket file. `path` is where clients connect."""
 
-    def __init__(self, upstream: Upstream, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, upstream: Upstream, path: str | os.PathLike[str], *, max_backlog: int = MAX_BACKLOG
+    ) -> None:
         self.path = os.fspath(path)
+        self.max_backlog = max_backlog
         self._upstream = upstream
         try:
             self._start()
@@ -532,7 +543,7 @@ class QMPServer:
         name = (
             f"{self.path} client {next(self._count)} ({_peer_pid(writer.get_extra_info('socket'))})"
         )
-        client = _Client(name, writer, self._caps)
+        client = _Client(name, writer, self._caps, self.max_backlog)
         self._clients.add(client)
         log.info("%s: connected", name)
         why = "disconnected"
