@@ -196,6 +196,7 @@ def test_quit_from_a_client_ends_the_vm_as_asked(tmp_path: Path) -> None:
         assert [m["event"] for m in got if "event" in m] == ["SHUTDOWN"]
         assert vm.wait(timeout=TIMEOUT) == 0  # QEMU ended by a request, status 0
         assert vm.state == "stopped" and not vm.crashed
+        assert vm.qmp.closed_reason == "QEMU quit"  # on request, not "the peer closed it"
         assert c.at_eof()  # closed with the VM's cleanup
         assert not os.path.exists(server.path)
         vm.shutdown()  # leaving `with`: finds it stopped, raises nothing

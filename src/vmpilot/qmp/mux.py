@@ -57,6 +57,7 @@ MAX_MESSAGE = 16 * 1024 * 1024  # a client's message larger than this: dropped
 MAX_BACKLOG = 64 * 1024 * 1024  # bytes a client leaves unread before it is dropped
 START_TIMEOUT = 10.0  # the server thread's loop coming up
 CLOSE_TIMEOUT = 10.0  # joining the server thread
+CLOSE_GRACE = 1.0  # closing: for replies on their way, then for clients to take what is buffered
 PUMP_SLICE = 0.5  # a blocking upstream's idle reader wakes this often to notice close()
 _RECV = 65536
 _UCRED = struct.Struct("3i")
@@ -442,6 +443,7 @@ class QMPServer:
         greeting["QMP"]["capabilities"] = self._caps
         self._greeting = greeting
         self._clients: set[_Client] = set()
+        self._inflight: set[asyncio.Future[dict[str, Any]]] = set()
         self._count = itertools.count(1)
         self._lock = threading.Lock()
         self._closed = False
@@ -514,13 +516,17 @@ class QMPServer:
             await self._stopped.wait()
         finally:
             server.close()
+            if self._inflight:  # replies on their way (the answer to a `quit`, say)
+                await asyncio.wait(self._inflight, timeout=CLOSE_GRACE)
             for client in list(self._clients):
-                client.writer.transport.abort()  # their handlers see the end and return
+                client.writer.close()  # after what is buffered; their handlers then return
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             if tasks:
-                _, late = await asyncio.wait(tasks, timeout=1.0)
-                for task in late:  # waiting for a reply that QEMU still owes
+                _, late = await asyncio.wait(tasks, timeout=CLOSE_GRACE)
+                for task in late:  # a client not reading, or a reply QEMU still owes
                     task.cancel()
+                for client in list(self._clients):
+                    client.writer.transport.abort()
                 if late:
                     await asyncio.wait(late)
 
@@ -598,7 +604,12 @@ class QMPServer:
         if relay.name == "quit":
             log.info("%s: sent 'quit': QEMU will exit", client.name)
         try:
-            response = await asyncio.wrap_future(self._upstream.forward(relay.message))
+            future = asyncio.wrap_future(self._upstream.forward(relay.message))
+            self._inflight.add(future)
+            try:
+                response = await future
+            finally:
+                self._inflight.discard(future)
         except (QMPError, RuntimeError) as exc:
             # the upstream connection is gone (so is QEMU's monitor), or it
             # stopped taking commands (RuntimeError: the server is closing)
