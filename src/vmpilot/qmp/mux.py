@@ -11,7 +11,9 @@ commands over one upstream client (the Machine's own connection):
 - a relayed command travels with an id of the upstream's own (vmpilot's core
   allocates them) and its reply goes back with the client's id, so two
   clients using the same id never collide;
-- every event the upstream receives goes to every negotiated client;
+- every event the upstream receives goes to every negotiated client (events
+  and replies travel separate paths: a reply may overtake an event QEMU
+  sent just before it);
 - a client's in-band commands run one after another, as on QEMU's monitor;
   its `exec-oob` commands go at once;
 - a client that disconnects, sends garbage or stops reading affects only
