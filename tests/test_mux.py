@@ -160,6 +160,10 @@ def test_garbage_and_disconnects_affect_only_their_client(vm: Machine, tmp_path:
     assert "'execute' must be a string" in bad.line()["error"]["desc"]
     assert bad.line() == {"error": {"class": "GenericError",
                                     "desc": "QMP input member 'x' is unexpected"}, "id": 3}  # fmt: skip
+    bad.send(b'{"execute": "query-name", "arguments": {"x": NaN}, "id": 5}')
+    assert bad.line()["error"]["desc"].startswith("JSON parse error")
+    bad.send(b"[" * 100_000 + b"]" * 100_000)  # nesting no parser follows
+    assert bad.line()["error"]["desc"].startswith("JSON parse error")
     bad.send(b'{"execute": "query-name", "id": 4}')  # still served after all that
     assert bad.line() == {"return": {}, "id": 4}
     half = Raw(server.path).negotiated()
@@ -251,6 +255,12 @@ def test_async_machine_serves_too(tmp_path: Path) -> None:
                 assert (await a.execute("query-status"))["status"] == "paused"
             server.close()
             assert not os.path.exists(server.path)
+            left = vm.serve_qmp(tmp_path / "left.sock")  # not closed by the test
+            async with AsyncQMPClient.connect(left.path) as b:
+                assert await b.execute("quit") == {}
+            assert await vm.wait(timeout=TIMEOUT) == 0
+            assert vm.qmp.closed_reason == "QEMU quit"
+        assert not os.path.exists(left.path)  # closed with the VM's cleanup
 
     run_async(main())
 

@@ -27,6 +27,7 @@ from .lifecycle import Lifecycle, State
 
 Method = Literal["quit", "powerdown"]
 METHODS = ("quit", "powerdown")
+DRAIN_TIMEOUT = 1.0  # QEMU gone: reading the rest of what it sent, up to its end of stream
 FINISH_TIMEOUT = 10.0  # QEMU's exit after SIGKILL (only a stuck kernel delays it)
 log = logging.getLogger("vmpilot.machine")
 EXIT_GRACE = 5.0  # QMP hung up during launch: how long QEMU gets to exit (its error is in its log)

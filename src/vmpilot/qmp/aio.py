@@ -361,6 +361,14 @@ class AsyncQMPClient(ClientBase):
             if not self._on_readable():
                 return
 
+    def _read_to_end(self) -> None:
+        """For a peer known to be gone: read at once what it sent before
+        leaving (bounded), so a last reply or event (a `quit`'s answer,
+        SHUTDOWN) is delivered rather than lost to `close`."""
+        for _ in range(_POLL_BURST):
+            if not self._on_readable():
+                return
+
     def _dispatch(self, items: list[Item]) -> None:
         if traffic.isEnabledFor(_DEBUG):
             self._log_received(items)

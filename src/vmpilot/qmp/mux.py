@@ -148,9 +148,13 @@ class Splitter:
         return out
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _decode(text: bytes) -> Any:
-    try:
-        return json.loads(text)
+    try:  # NaN and Infinity are Python's extensions, not JSON: QEMU rejects them too
+        return json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError):
         return Garbage(text)
 
@@ -617,5 +621,8 @@ class QMPServer:
             # stopped taking commands (RuntimeError: the server is closing)
             client.send(relay.reply(_error("GenericError", f"vmpilot: {exc}")))
             client.writer.close()
+            return
+        except (TypeError, ValueError) as exc:  # a message the upstream would not encode
+            client.send(relay.reply(_error("GenericError", f"vmpilot: {exc}")))
             return
         client.send(relay.reply(response))

@@ -32,7 +32,7 @@ from typing import Any, TypeVar, cast
 
 from .._util.deadline import Deadline
 from .._util.plan import run
-from ..errors import Disconnected, ProtocolError, Timeout
+from ..errors import Disconnected, ProtocolError, QMPError, Timeout
 from . import _transport
 from ._client import (
     CLIENT_TIMEOUT,
@@ -498,6 +498,18 @@ class QMPClient(ClientBase):
             except Disconnected:
                 return
             yield event
+
+    def _read_to_end(self, timeout: float) -> None:
+        """For a peer known to be gone: read (bounded) what it sent before
+        leaving, up to its end of stream, so a last reply or event (a
+        `quit`'s answer, SHUTDOWN) is delivered rather than lost to `close`."""
+        with contextlib.suppress(QMPError, Timeout):
+            self._await(
+                lambda: True if self._sock is None else None,
+                Deadline(timeout),
+                lambda: "the end of stream",
+                False,
+            )
 
     # -- closing ----------------------------------------------------------
 
