@@ -133,9 +133,10 @@ class Common:
         together. Returns the server (`.path`, `.close()`); it is closed with
         the VM's cleanup at the latest.
 
-        A client's `quit` makes QEMU exit as asked; to this Machine that is
-        QEMU ending by itself: `wait()` returns its exit code (0),
-        `shutdown()` finds it stopped and returns without error."""
+        A client's `quit` makes QEMU exit as asked (`qmp.closed_reason` is
+        "QEMU quit"); to the shutdown contract that is QEMU ending by itself:
+        `wait()` returns its exit code (0), `shutdown()` finds it stopped and
+        returns without error."""
         qmp = self._qmp
         self._connected(qmp)  # raises VMError unless the VM is up
         assert qmp is not None
