@@ -7,17 +7,21 @@
 - `async_vm_factory`, and with pytest-asyncio (or anyio) `async_vm` and
   `async_qmp_vm`: the same for `AsyncMachine`.
 
-Options: `--vmpilot-qemu`, `--vmpilot-accel`, `--vmpilot-keep-logs DIR`. A
-failing test gets its VMs' console and QEMU log tails and the log paths as
-report sections. Safe under pytest-xdist: every path is per test (inside
-pytest's per-worker tmp dirs), no ports, and the guest build takes a file lock.
+Options: `--vmpilot-qemu`, `--vmpilot-accel`, `--vmpilot-keep-logs DIR`,
+`--vmpilot-log-level` (INFO; DEBUG adds every QMP message). A failing test
+gets its VMs' console and QEMU log tails, the log paths, and the tail of
+vmpilot's own log (the `vmpilot` loggers) as report sections. Safe under
+pytest-xdist: every path is per test (inside pytest's per-worker tmp dirs),
+no ports, and the guest build takes a file lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, TypeVar, cast
 
@@ -30,7 +34,31 @@ from .machine import AsyncMachine, Machine, MachineConfig
 pytest_plugins = ["vmpilot.fleet.plugin"]
 
 _VMS = pytest.StashKey[list[Machine | AsyncMachine]]()
+_LOG = pytest.StashKey["_LogTail"]()
 TAIL = 3000
+LOG_LINES = 200  # the vmpilot log section keeps at most this many lines (and TAIL * 2 chars)
+
+
+class _LogTail(logging.Handler):
+    """The last `LOG_LINES` records of the `vmpilot` loggers during one test."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.lines: deque[str] = deque(maxlen=LOG_LINES)
+        self.setFormatter(
+            logging.Formatter(
+                "%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s", "%H:%M:%S"
+            )
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)[-TAIL * 2 :]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -42,6 +70,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="DIR",
         help="keep every VM's qemu.log and console.log under DIR/<test>/ "
         "(default: in pytest's tmp dir for the test)",
+    )
+    group.addoption(
+        "--vmpilot-log-level",
+        default="INFO",
+        help="level of vmpilot's log kept for a failing test's report (default INFO; "
+        "DEBUG adds every QMP message, and costs time)",
     )
 
 
@@ -212,13 +246,40 @@ async def async_qmp_vm(async_vm_factory: AsyncVMFactory) -> AsyncIterator[AsyncM
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    """Keep the tail of vmpilot's log while the test runs (for its report)."""
+    level = logging.getLevelName(str(item.config.option.vmpilot_log_level).upper())
+    if not isinstance(level, int):
+        raise pytest.UsageError(
+            f"--vmpilot-log-level: no such level {item.config.option.vmpilot_log_level!r}"
+        )
+    logger = logging.getLogger("vmpilot")
+    tail = _LogTail(level)
+    item.stash[_LOG] = tail
+    saved = logger.level
+    if logger.getEffectiveLevel() > level:
+        logger.setLevel(level)
+    logger.addHandler(tail)
+    try:
+        return (yield)
+    finally:
+        logger.removeHandler(tail)
+        logger.setLevel(saved)
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    vms = item.stash.get(_VMS, [])
-    if not vms or not report.failed:
+    if not report.failed:
         return report
+    tail = item.stash.get(_LOG, None)
+    if tail is not None and tail.lines:
+        report.sections.append((f"vmpilot log (last {LOG_LINES} lines at most)", tail.text()))
+    vms = item.stash.get(_VMS, [])
     for i, vm in enumerate(vms):
         label = f"vmpilot VM {i} (pid {vm.pid}, {vm.state})"
         if vm.config.serial:

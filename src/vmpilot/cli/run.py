@@ -2,7 +2,9 @@
 
 The terminal is put in raw mode (keys go to the guest, ^C included);
 `Ctrl-]` then `q` leaves: the VM is shut down by the contract (graceful, then
-hard with a message). A QMP socket is exposed for other tools (`vmpilot qmp`).
+hard with a message). QMP is served to any number of clients at once
+(`vmpilot qmp`, `vmpilot events`, qmp-shell, scripts) on `--qmp PATH`, or on
+a socket in the VM's private temp dir.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _raw_terminal(fd: int) -> Iterator[bool]:
 
 def _config(args: argparse.Namespace) -> MachineConfig:
     extra = [a for a in args.extra if a != "--"]
-    common: dict[str, Any] = {"name": "run", "expose_qmp": True}
+    common: dict[str, Any] = {"name": "run"}
     for key in ("qemu", "accel", "memory", "cpus", "machine"):
         value = getattr(args, key)
         if value is not None:
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     vm = Machine(config)
     vm.launch()
     try:
-        qmp_path = vm.qmp_path
+        assert vm.temp_dir is not None
+        qmp_path = vm.serve_qmp(args.qmp or os.path.join(vm.temp_dir, "qmp.sock")).path
         out = sys.stdout.buffer
         vm.console.listeners.append(lambda chunk: (out.write(chunk), out.flush()))
         stdin = sys.stdin.fileno()
@@ -149,6 +152,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--cpus", type=int)
     p.add_argument("--accel", help="kvm, tcg or auto")
     p.add_argument("--qemu", help="QEMU binary")
+    p.add_argument("--qmp", metavar="PATH", help="serve QMP to any number of clients on this "
+                   "unix socket (default: one in the VM's temp dir)")  # fmt: skip
     p.add_argument("--shutdown", choices=["powerdown", "quit"], default="powerdown",
                    help="how to end the VM on quit (default: ACPI powerdown)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=30.0, help="graceful shutdown timeout (s)")

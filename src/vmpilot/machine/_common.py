@@ -5,10 +5,13 @@ The operations themselves are plans (`_plans`); the faces supply primitives."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, TypeVar
 
 from .._util.fds import check_fd
 from ..errors import VMError
+from ..qmp import AsyncQMPClient, QMPClient
+from ..qmp.mux import QMPServer, serve
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 
@@ -40,6 +43,7 @@ class Common:
     """Read-only views shared by both flavours."""
 
     _life: Lifecycle
+    _qmp: QMPClient | AsyncQMPClient | None
 
     @property
     def config(self) -> MachineConfig:
@@ -121,6 +125,24 @@ class Common:
         no longer call `kill()` (an AsyncMachine whose loop is gone). Raises
         nothing; a no-op once the VM is stopped."""
         self._life.cleanup()
+
+    def serve_qmp(self, path: str | os.PathLike[str]) -> QMPServer:
+        """Serve QMP to any number of clients at once on a new unix socket at
+        `path`, through this Machine's own connection (see `vmpilot.qmp.mux`):
+        `vmpilot events`, `vmpilot qmp`, qmp-shell and scripts can attach
+        together. Returns the server (`.path`, `.close()`); it is closed with
+        the VM's cleanup at the latest.
+
+        A client's `quit` makes QEMU exit as asked (`qmp.closed_reason` is
+        "QEMU quit"); to the shutdown contract that is QEMU ending by itself:
+        `wait()` returns its exit code (0), `shutdown()` finds it stopped and
+        returns without error."""
+        qmp = self._qmp
+        self._connected(qmp)  # raises VMError unless the VM is up
+        assert qmp is not None
+        server = serve(qmp, path)
+        self._life.on_cleanup.append(server.close)
+        return server
 
     def _preset_fd(self, fd: int, fdset_id: int, opaque: str | None) -> None:
         """Before launch: QEMU gets `fd` through `-add-fd` (fd set `fdset_id`)."""

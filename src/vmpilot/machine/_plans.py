@@ -17,6 +17,7 @@ supplies the primitives, as methods of its `_io` object:
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from .._util.deadline import Deadline
@@ -26,7 +27,9 @@ from .lifecycle import Lifecycle, State
 
 Method = Literal["quit", "powerdown"]
 METHODS = ("quit", "powerdown")
+DRAIN_TIMEOUT = 1.0  # QEMU gone: reading the rest of what it sent, up to its end of stream
 FINISH_TIMEOUT = 10.0  # QEMU's exit after SIGKILL (only a stuck kernel delays it)
+log = logging.getLogger("vmpilot.machine")
 EXIT_GRACE = 5.0  # QMP hung up during launch: how long QEMU gets to exit (its error is in its log)
 
 
@@ -59,6 +62,7 @@ def launch(life: Lifecycle, deadline: Deadline) -> Plan[None]:
     except BaseException as exc:
         raise (yield from _fail(life, f"interrupted ({exc!r})", exc)) from exc
     life.move(State.RUNNING)
+    log.info("%s: ready (QMP negotiated)", life.label)
     yield Call("running")
 
 
@@ -81,6 +85,7 @@ def shutdown(life: Lifecycle, method: Method, deadline: Deadline) -> Plan[None]:
         _raise_unreported_crash(life)
         return
     command = "quit" if method == "quit" else "system_powerdown"
+    log.info("%s: shutting down (%s, %s)", life.label, command, _secs(deadline))
     cause: BaseException | None = None
     what = ""
     try:
@@ -108,6 +113,7 @@ def wait(life: Lifecycle, deadline: Deadline) -> Plan[int | None]:
     if life.state in (State.NEW, State.FAILED):
         return life.exit_code
     if life.state is not State.STOPPED:
+        log.info("%s: waiting for QEMU to exit by itself (%s)", life.label, _secs(deadline))
         exited = yield Call("wait_exited", deadline)
         life.claim(State.RUNNING, State.SHUTTING_DOWN)
         yield from _finish()
@@ -122,6 +128,7 @@ def kill(life: Lifecycle) -> Plan[None]:
     if life.state in (State.NEW, State.FAILED, State.STOPPED):
         return
     life.claim(State.RUNNING, State.SHUTTING_DOWN)
+    log.info("%s: kill() called", life.label)
     yield Call("kill_process")
     yield from _finish()
 

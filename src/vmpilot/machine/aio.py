@@ -208,8 +208,17 @@ class _AsyncIO:
         if "qtest" in socks:
             vm._qtest = AsyncQtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
-        vm._qmp = AsyncQMPClient(socks["qmp"])
-        life.on_cleanup.insert(0, vm._qmp._close_after_exit)  # a quit's reply still arrives
+        vm._qmp = AsyncQMPClient(socks["qmp"], name=name)
+        life.on_cleanup.insert(0, self._close_qmp)
+
+    def _close_qmp(self) -> None:
+        """The first cleanup step. QEMU gone: take what it sent last (a
+        client's `quit` answered, SHUTDOWN) before closing."""
+        qmp = self.vm._qmp
+        assert qmp is not None
+        if self.life.returncode is not None:
+            qmp._read_to_end()
+        qmp.close()
 
     def _stop_watching(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.life.pidfd >= 0:

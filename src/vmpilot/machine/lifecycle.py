@@ -32,6 +32,16 @@ TAIL = 4000
 CRASH_NOTE_TAIL = 1000
 
 
+def _summary(argv: list[str], head: int = 12) -> str:
+    """The command line, shortened for an INFO line (DEBUG has all of it);
+    never cut between an option and its value."""
+    if head < len(argv) and argv[head - 1].startswith("-"):
+        head += 1
+    shown = [os.path.basename(argv[0]), *argv[1:head]]
+    more = len(argv) - head
+    return " ".join(shown) + (f" ... (+{more} args)" if more > 0 else "")
+
+
 class State(enum.Enum):
     NEW = "new"
     LAUNCHING = "launching"
@@ -81,6 +91,7 @@ class Lifecycle:
         self._lock = threading.RLock()
         self._cleaned = False
         self.on_cleanup: list[Callable[[], None]] = []
+        self._signals_logged: set[int] = set()
 
     # -- the state machine (no waiting here) ------------------------------
 
@@ -108,6 +119,15 @@ class Lifecycle:
             self.move(to)
             return True
 
+    @property
+    def label(self) -> str:
+        """The VM's name for log lines: its configured name, else QEMU's pid."""
+        name = self.config.name
+        pid = self.process.pid if self.process is not None else None
+        if name:
+            return f"{name} (pid {pid})" if pid else name
+        return f"QEMU pid {pid}" if pid else "QEMU"
+
     # -- launching --------------------------------------------------------
 
     def start(self) -> dict[str, socket.socket]:
@@ -125,7 +145,7 @@ class Lifecycle:
         except LaunchError:
             self.move(State.FAILED)
             raise
-        log.info("accel %s: %s", self.accel, self.accel_reason)
+        log.info("%s: accel %s (%s)", self.label, self.accel, self.accel_reason)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.name or "")[:40]
         self.temp_dir = make_temp_dir(safe)  # 0700, swept if we die without cleaning up
         logs = tempfile.mkdtemp(prefix=f"{safe or 'vm'}-", dir=cfg.log_dir) if cfg.log_dir else None
@@ -158,7 +178,8 @@ class Lifecycle:
                 )
             except OSError as exc:
                 raise LaunchError(f"cannot start QEMU: {exc}", argv=argv) from exc
-            log.debug("launched pid %d: %s", self.process.pid, " ".join(argv))
+            log.info("%s: launched: %s", self.label, _summary(argv))
+            log.debug("%s: argv: %s", self.label, " ".join(argv))
         except BaseException:
             for ours, _ in pairs.values():
                 ours.close()
@@ -210,6 +231,9 @@ class Lifecycle:
 
     def kill_process(self, sig: int = signal.SIGKILL) -> None:
         if self.process is not None:
+            if self.process.returncode is None and sig not in self._signals_logged:
+                self._signals_logged.add(sig)
+                log.info("%s: killing QEMU (%s)", self.label, signal.Signals(sig).name)
             self.process.kill(sig)
 
     def reap(self, timeout: float | None) -> bool:
@@ -242,6 +266,8 @@ class Lifecycle:
                 log.exception("cleanup step %r failed", fn)
         if self.process is not None:
             self.process.close()  # kills and reaps a QEMU still there
+            status = process.describe_status(self.process.returncode)
+            log.info("%s: QEMU ended (%s); cleaning up", self.label, status)
         self._log_text = self._read_log(self.log_path)
         self._console_text = self._read_log(self.console_path)
         if self.temp_dir is not None:

@@ -29,7 +29,7 @@ from ._common import (
     configured,
     make_config,
 )
-from ._plans import FINISH_TIMEOUT, Method
+from ._plans import DRAIN_TIMEOUT, FINISH_TIMEOUT, Method
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 
@@ -213,8 +213,18 @@ class _SyncIO:
         if "qtest" in socks:
             vm._qtest = Qtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
-        vm._qmp = QMPClient(socks["qmp"])
-        life.on_cleanup.insert(0, vm._qmp._close_after_exit)  # a quit's reply still arrives
+        vm._qmp = QMPClient(socks["qmp"], name=name)
+        life.on_cleanup.insert(0, self._close_qmp)
+
+    def _close_qmp(self) -> None:
+        """The first cleanup step. QEMU gone: take what it sent last (a
+        client's `quit` answered, SHUTDOWN) before closing, whoever won the
+        race to clean up (the exit watcher may have)."""
+        qmp = self.vm._qmp
+        assert qmp is not None
+        if self.life.returncode is not None:
+            qmp._read_to_end(DRAIN_TIMEOUT)
+        qmp.close()
 
     def read_greeting(self, deadline: Deadline) -> None:
         assert self.vm._qmp is not None

@@ -5,6 +5,7 @@ failed send is reported, and the steps of connecting (a plan, see
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Mapping
 from types import EllipsisType
@@ -17,6 +18,8 @@ from . import _transport
 from .events import EventLog, Listener, NameFilter
 from .protocol import DEFAULT_MAX_LINE, ErrorReply, Event, Greeting, QMPProtocol, Reply
 from .schema import Schema
+
+traffic = logging.getLogger("vmpilot.qmp")  # every message at DEBUG, with the connection's name
 
 DEFAULT_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
@@ -169,6 +172,15 @@ class ClientBase:
         if timeout is CLIENT_TIMEOUT or timeout is ...:
             return Deadline(self.timeout)
         return Deadline(timeout)  # type: ignore[arg-type]
+
+    def _log_sent(self, data: bytes) -> None:
+        """Log an outgoing message (callers check `traffic.isEnabledFor` first)."""
+        traffic.debug("%s -> %s", self.name, data.strip().decode(errors="replace"))
+
+    def _log_received(self, items: list[Any]) -> None:
+        """Log incoming items (callers check `traffic.isEnabledFor` first)."""
+        for item in items:
+            traffic.debug("%s <- %r", self.name, item)
 
     def _check_command(self, name: str, arguments: Mapping[str, Any] | None) -> None:
         if self.validate and self.schema is not None:

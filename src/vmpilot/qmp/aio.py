@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import socket
 import time
 from collections.abc import Generator, Mapping, Sequence
@@ -30,6 +31,7 @@ from ._client import (
     message_command,
     reply_message,
     send_failed,
+    traffic,
 )
 from .events import NameFilter, describe, event_matches
 from .protocol import DEFAULT_MAX_LINE, ConnectionLost, ErrorReply, Event, Greeting, Item, Reply
@@ -37,6 +39,7 @@ from .schema import Schema
 
 _RECV = 65536
 _POLL_BURST = 64
+_DEBUG = logging.DEBUG
 _T = TypeVar("_T")
 _EventWaiter = tuple[NameFilter, "Mapping[str, Any] | None", "asyncio.Future[Event]"]
 
@@ -289,6 +292,8 @@ class AsyncQMPClient(ClientBase):
         sock = self._sock
         if sock is None:
             raise Disconnected(f"QMP connection to {self.name} is closed ({self._closed_reason})")
+        if traffic.isEnabledFor(_DEBUG):
+            self._log_sent(data)
         if self._wbuf:
             self._wbuf.append((memoryview(data), fds))
             return
@@ -356,7 +361,17 @@ class AsyncQMPClient(ClientBase):
             if not self._on_readable():
                 return
 
+    def _read_to_end(self) -> None:
+        """For a peer known to be gone: read at once what it sent before
+        leaving (bounded), so a last reply or event (a `quit`'s answer,
+        SHUTDOWN) is delivered rather than lost to `close`."""
+        for _ in range(_POLL_BURST):
+            if not self._on_readable():
+                return
+
     def _dispatch(self, items: list[Item]) -> None:
+        if traffic.isEnabledFor(_DEBUG):
+            self._log_received(items)
         for item in items:
             if isinstance(item, (Reply, ErrorReply)):
                 fut = self._waiters.pop(item.id, None)
@@ -419,16 +434,6 @@ class AsyncQMPClient(ClientBase):
         return _EventIterator(self, timeout)
 
     # -- closing ----------------------------------------------------------
-
-    def _close_after_exit(self) -> None:
-        """QEMU has exited (or is being torn down): take in what it sent before
-        it went — a reply to a command in flight (`quit`'s above all), events,
-        the end of the stream — then close. Bounded: a live peer's flood
-        is read for one burst at most."""
-        for _ in range(_POLL_BURST):
-            if not self._on_readable():
-                break
-        self._lost("closed by the client")
 
     def close(self) -> None:
         """Close at once (no await needed); calls in flight fail with `Disconnected`."""

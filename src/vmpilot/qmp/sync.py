@@ -20,6 +20,7 @@ the deadline and changed only when it must be (see `_fit_rcvtimeo`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import select
 import socket
@@ -31,7 +32,7 @@ from typing import Any, TypeVar, cast
 
 from .._util.deadline import Deadline
 from .._util.plan import run
-from ..errors import Disconnected, ProtocolError, Timeout
+from ..errors import Disconnected, ProtocolError, QMPError, Timeout
 from . import _transport
 from ._client import (
     CLIENT_TIMEOUT,
@@ -43,6 +44,7 @@ from ._client import (
     message_command,
     reply_message,
     send_failed,
+    traffic,
 )
 from .events import NameFilter, describe
 from .protocol import DEFAULT_MAX_LINE, ConnectionLost, ErrorReply, Event, Greeting, Item, Reply
@@ -52,9 +54,7 @@ _RECV = 65536
 _TIMEVAL = struct.Struct("@ll")  # struct timeval
 _POLL_BURST = 64  # poll_events reads at most this many chunks (a flooding peer cannot pin it)
 _T = TypeVar("_T")
-
-
-_EXIT_DRAIN = 1.0  # seconds a teardown waits for another thread reading what QEMU left
+_DEBUG = logging.DEBUG
 
 
 class QMPClient(ClientBase):
@@ -284,6 +284,8 @@ class QMPClient(ClientBase):
                     raise self._gone(f"sending {name!r}")
                 id_, data = encode()
                 self._users += 1
+            if traffic.isEnabledFor(_DEBUG):
+                self._log_sent(data)
             try:
                 try:  # the common case inline: all of it at once
                     sent = -1 if fds else sock.send(data, socket.MSG_DONTWAIT)
@@ -442,6 +444,8 @@ class QMPClient(ClientBase):
         self._rcvtimeo = sec + usec / 1e6
 
     def _dispatch(self, items: list[Item]) -> None:
+        if traffic.isEnabledFor(_DEBUG):
+            self._log_received(items)
         for item in items:
             if isinstance(item, (Reply, ErrorReply)):
                 self._replies[item.id] = item
@@ -495,29 +499,19 @@ class QMPClient(ClientBase):
                 return
             yield event
 
-    # -- closing ----------------------------------------------------------
+    def _read_to_end(self, timeout: float) -> None:
+        """For a peer known to be gone: read (bounded) what it sent before
+        leaving, up to its end of stream, so a last reply or event (a
+        `quit`'s answer, SHUTDOWN) is delivered rather than lost to `close`."""
+        with contextlib.suppress(QMPError, Timeout):
+            self._await(
+                lambda: True if self._sock is None else None,
+                Deadline(timeout),
+                lambda: "the end of stream",
+                False,
+            )
 
-    def _close_after_exit(self, timeout: float = _EXIT_DRAIN) -> None:
-        """QEMU has exited (or is being torn down): take in what it sent before
-        it went — a reply to a command in flight (`quit`'s above all), events,
-        the end of the stream — so the calls waiting for them get them, then
-        close. Another thread reading gets it all itself; waiting for it is
-        bounded by `timeout`."""
-        deadline = Deadline(timeout)
-        with self._mutex:
-            while self._sock is not None:
-                if self._reading:
-                    remaining = deadline.remaining()
-                    if remaining == 0:
-                        break
-                    self._followers += 1
-                    try:
-                        self._cond.wait(remaining)
-                    finally:
-                        self._followers -= 1
-                elif not self._read(0):
-                    break
-            self._lost("closed by the client")
+    # -- closing ----------------------------------------------------------
 
     def close(self) -> None:
         """Close the connection; a call blocked in another thread fails at once."""
