@@ -163,7 +163,13 @@ def cancel(qmp: object, job_id: str, deadline: Deadline) -> Plan[Job]:
     last = yield from _find(qmp, job_id, deadline)
     if last is None:
         raise JobError(job_id, "no such job", status="null")
-    yield Call("qmp", qmp, "job-cancel", {"id": job_id}, deadline)
+    try:
+        yield Call("qmp", qmp, "job-cancel", {"id": job_id}, deadline)
+    except CommandError:  # it ended by itself meanwhile (or cannot be cancelled)
+        now = yield from _find(qmp, job_id, deadline)
+        if now is not None and now.status not in ENDED:
+            raise
+        last = now or last
     status = last.status
     while status not in ENDED:
         event = yield Call("event", qmp, "JOB_STATUS_CHANGE", {"id": job_id}, deadline)

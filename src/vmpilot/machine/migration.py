@@ -81,6 +81,7 @@ def migrate(
         raise MigrationError(why, status=status)
     dst_status = yield from _destination_done(dst, deadline)
     src_run = yield Call("qmp", src, "query-status", None, deadline)
+    info = yield Call("qmp", src, "query-migrate", None, deadline)  # total-time comes late
     ram = info.get("ram", {})
     return MigrationResult(
         status=status,
