@@ -139,7 +139,9 @@ def test_stream_and_commit_on_a_chain(qmp_vm: Machine, tmp_path: Path) -> None:
     assert (job.type, job.status) == ("commit", "concluded")
     qmp_vm.execute("blockdev-del", {"node-name": "top2"})
     expected = str(tmp_path / "expected.qcow2")
-    subprocess.run([QEMU_IMG, "convert", "-U", "-O", "qcow2", mid, expected], check=True, timeout=60)
+    subprocess.run(
+        [QEMU_IMG, "convert", "-U", "-O", "qcow2", mid, expected], check=True, timeout=60
+    )
     assert same(base, expected)  # base now holds what mid showed
 
 
@@ -148,7 +150,9 @@ def test_blockdev_create_makes_an_image(qmp_vm: Machine, tmp_path: Path) -> None
     file_opts = {"driver": "file", "filename": path, "size": 0}
     assert qmp_vm.run_job("blockdev-create", {"options": file_opts}).type == "create"
     qmp_vm.execute("blockdev-add", {"driver": "file", "node-name": "f", "filename": path})
-    qmp_vm.run_job("blockdev-create", {"options": {"driver": "qcow2", "file": "f", "size": 1 << 20}})
+    qmp_vm.run_job(
+        "blockdev-create", {"options": {"driver": "qcow2", "file": "f", "size": 1 << 20}}
+    )
     qmp_vm.execute("blockdev-del", {"node-name": "f"})
     info = subprocess.run([QEMU_IMG, "info", path], capture_output=True, text=True, timeout=30)
     assert "file format: qcow2" in info.stdout and qmp_vm.jobs() == []

@@ -31,6 +31,8 @@ from ..errors import CommandError, JobError, JobTimeout
 
 JOB_TIMEOUT = 300.0  # a whole job (copying an image under TCG can take minutes)
 CANCEL_TIMEOUT = 10.0  # a cancelled job's way to `concluded`
+REPLY_TIMEOUT = 30.0  # one command's reply: a QMP reply that times out closes the connection,
+# so a command is never sent with what is left of the job's deadline (maybe nothing)
 PROGRESS_INTERVAL = 0.5  # how often `query-jobs` is read while a progress callback listens
 
 # commands whose jobs take `auto-dismiss` (the job-* ones always wait for a dismiss)
@@ -79,8 +81,12 @@ def list_jobs(qmp: object, deadline: Deadline) -> Plan[list[Job]]:
     return [Job.from_info(info) for info in infos]
 
 
-def _find(qmp: object, job_id: str, deadline: Deadline) -> Plan[Job | None]:
-    jobs = yield from list_jobs(qmp, deadline)
+def reply() -> Deadline:
+    return Deadline(REPLY_TIMEOUT)
+
+
+def _find(qmp: object, job_id: str) -> Plan[Job | None]:
+    jobs = yield from list_jobs(qmp, reply())
     return next((job for job in jobs if job.id == job_id), None)
 
 
@@ -97,7 +103,7 @@ def run_job(
     job_id = args.setdefault("job-id", new_job_id())
     if command in BLOCK_JOB_COMMANDS:
         args.setdefault("auto-dismiss", False)
-    yield Call("qmp", qmp, command, args, deadline)
+    yield Call("qmp", qmp, command, args, reply())
     return (yield from follow(qmp, job_id, deadline, progress, complete))
 
 
@@ -118,7 +124,7 @@ def follow(
         wait = deadline.within(PROGRESS_INTERVAL) if progress is not None else deadline
         event = yield Call("event", qmp, "JOB_STATUS_CHANGE", {"id": job_id}, wait)
         if progress is not None or event is None or event.data["status"] == "concluded":
-            job = yield from _find(qmp, job_id, deadline)
+            job = yield from _find(qmp, job_id)
             if job is not None:
                 if progress is not None and (last is None or job.current != last.current):
                     yield Call("report", progress, job.current, job.total)
@@ -128,18 +134,18 @@ def follow(
         status = event.data["status"]
         if status == "ready":
             if not complete:
-                return (yield from _find(qmp, job_id, deadline)) or Job(job_id, "", status)
+                return (yield from _find(qmp, job_id)) or Job(job_id, "", status)
             if not completed:  # a mirror may go ready → standby → ready again
                 completed = True
-                yield Call("qmp", qmp, "job-complete", {"id": job_id}, deadline)
+                yield Call("qmp", qmp, "job-complete", {"id": job_id}, reply())
         elif status == "pending":
-            job = yield from _find(qmp, job_id, deadline)
+            job = yield from _find(qmp, job_id)
             if job is not None and job.status == "pending":  # not finalizing by itself
                 with contextlib.suppress(CommandError):  # auto-finalize got there first
-                    yield Call("qmp", qmp, "job-finalize", {"id": job_id}, deadline)
+                    yield Call("qmp", qmp, "job-finalize", {"id": job_id}, reply())
     error = last.error if last is not None else None
     if status == "concluded":
-        yield Call("qmp", qmp, "job-dismiss", {"id": job_id}, deadline)
+        yield Call("qmp", qmp, "job-dismiss", {"id": job_id}, reply())
     yield from _drain(qmp, job_id)
     final = (
         dataclasses.replace(last, status=status) if last is not None else Job(job_id, "", status)
@@ -160,13 +166,13 @@ def _drain(qmp: object, job_id: str) -> Plan[None]:
 
 def cancel(qmp: object, job_id: str, deadline: Deadline) -> Plan[Job]:
     """`job-cancel`, then wait for the end and dismiss; the job as it ended."""
-    last = yield from _find(qmp, job_id, deadline)
+    last = yield from _find(qmp, job_id)
     if last is None:
         raise JobError(job_id, "no such job", status="null")
     try:
-        yield Call("qmp", qmp, "job-cancel", {"id": job_id}, deadline)
+        yield Call("qmp", qmp, "job-cancel", {"id": job_id}, reply())
     except CommandError:  # it ended by itself meanwhile (or cannot be cancelled)
-        now = yield from _find(qmp, job_id, deadline)
+        now = yield from _find(qmp, job_id)
         if now is not None and now.status not in ENDED:
             raise
         last = now or last
@@ -177,9 +183,9 @@ def cancel(qmp: object, job_id: str, deadline: Deadline) -> Plan[Job]:
             raise JobTimeout(job_id, deadline.timeout, cancelled=False)
         status = event.data["status"]
         if status == "concluded":
-            last = (yield from _find(qmp, job_id, deadline)) or last
+            last = (yield from _find(qmp, job_id)) or last
     if status == "concluded":
-        yield Call("qmp", qmp, "job-dismiss", {"id": job_id}, deadline)
+        yield Call("qmp", qmp, "job-dismiss", {"id": job_id}, reply())
     yield from _drain(qmp, job_id)
     return dataclasses.replace(last, status=status)
 

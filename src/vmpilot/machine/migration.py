@@ -27,6 +27,7 @@ from ..errors import MigrationError, MigrationTimeout
 
 MIGRATE_TIMEOUT = 300.0
 CANCEL_TIMEOUT = 10.0
+REPLY_TIMEOUT = 30.0  # each command's own (a reply timeout would close the QMP connection)
 PROGRESS_INTERVAL = 0.5
 FD_NAME = "vmpilot-migration"
 ENDED = ("completed", "failed", "cancelled")
@@ -52,6 +53,10 @@ def capability_list(capabilities: Mapping[str, bool]) -> list[dict[str, Any]]:
     return [{"capability": name, "state": bool(on)} for name, on in caps.items()]
 
 
+def _reply() -> Deadline:
+    return Deadline(REPLY_TIMEOUT)
+
+
 def migrate(
     src: object,
     dst: object,
@@ -61,27 +66,27 @@ def migrate(
     parameters: Mapping[str, Any],
 ) -> Plan[MigrationResult]:
     caps = {"capabilities": capability_list(capabilities)}
-    yield Call("qmp", src, "migrate-set-capabilities", caps, deadline)
-    yield Call("qmp", dst, "migrate-set-capabilities", caps, deadline)
+    yield Call("qmp", src, "migrate-set-capabilities", caps, _reply())
+    yield Call("qmp", dst, "migrate-set-capabilities", caps, _reply())
     if parameters:
-        yield Call("qmp", src, "migrate-set-parameters", dict(parameters), deadline)
+        yield Call("qmp", src, "migrate-set-parameters", dict(parameters), _reply())
     ours, theirs = yield Call("socketpair")
     try:
-        yield Call("send_fd", dst, theirs, FD_NAME, deadline)
-        yield Call("send_fd", src, ours, FD_NAME, deadline)
+        yield Call("send_fd", dst, theirs, FD_NAME, _reply())
+        yield Call("send_fd", src, ours, FD_NAME, _reply())
     finally:
         yield Call("close_fds", (ours, theirs))  # each QEMU holds its own copy now
     uri = {"uri": f"fd:{FD_NAME}"}
-    yield Call("qmp", dst, "migrate-incoming", uri, deadline)
-    yield Call("qmp", src, "migrate", uri, deadline)
+    yield Call("qmp", dst, "migrate-incoming", uri, _reply())
+    yield Call("qmp", src, "migrate", uri, _reply())
     info = yield from _follow(src, deadline, progress)
     status = info.get("status", "")
     if status != "completed":
         why = info.get("error-desc") or f"QEMU reported {status!r} and no reason"
         raise MigrationError(why, status=status)
     dst_status = yield from _destination_done(dst, deadline)
-    src_run = yield Call("qmp", src, "query-status", None, deadline)
-    info = yield Call("qmp", src, "query-migrate", None, deadline)  # total-time comes late
+    src_run = yield Call("qmp", src, "query-status", None, _reply())
+    info = yield Call("qmp", src, "query-migrate", None, _reply())  # total-time comes late
     ram = info.get("ram", {})
     return MigrationResult(
         status=status,
@@ -102,7 +107,7 @@ def _follow(src: object, deadline: Deadline, progress: MigrationProgress | None)
         event = yield Call("event", src, "MIGRATION", None, wait)
         if event is not None and event.data.get("status") not in ENDED and progress is None:
             continue
-        info = yield Call("qmp", src, "query-migrate", None, deadline)
+        info = yield Call("qmp", src, "query-migrate", None, _reply())
         if progress is not None and "ram" in info:
             ram = info["ram"]
             values = (info.get("status", ""), ram.get("transferred", 0),
@@ -114,7 +119,7 @@ def _follow(src: object, deadline: Deadline, progress: MigrationProgress | None)
 
 def _cancel(src: object, deadline: Deadline) -> Plan[None]:
     d = Deadline(CANCEL_TIMEOUT)
-    yield Call("qmp", src, "migrate_cancel", None, d)
+    yield Call("qmp", src, "migrate_cancel", None, _reply())
     status = "cancelling"
     while status not in ENDED:
         event = yield Call("event", src, "MIGRATION", None, d)
@@ -127,7 +132,7 @@ def _cancel(src: object, deadline: Deadline) -> Plan[None]:
 def _destination_done(dst: object, deadline: Deadline) -> Plan[str]:
     """Wait until the destination has taken over; its run state."""
     while True:
-        state = yield Call("qmp", dst, "query-status", None, deadline)
+        state = yield Call("qmp", dst, "query-status", None, _reply())
         if state["status"] != "inmigrate":
             return str(state["status"])
         event = yield Call("event", dst, ("MIGRATION", "RESUME"), None, deadline)

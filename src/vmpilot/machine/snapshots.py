@@ -44,7 +44,7 @@ def _nodes(
     devices: Sequence[str] | None,
     deadline: Deadline,
 ) -> Plan[dict[str, Any]]:
-    blocks = yield Call("qmp", qmp, "query-block", None, deadline)
+    blocks = yield Call("qmp", qmp, "query-block", None, jobs.reply())
     disks = _writable_disks(blocks)
     if vmstate is None:
         if state_dir is not None:
@@ -68,18 +68,18 @@ def _nodes(
 
 
 def _ensure_state_node(qmp: object, state_dir: str, deadline: Deadline) -> Plan[None]:
-    names = yield Call("qmp", qmp, "query-named-block-nodes", {"flat": True}, deadline)
+    names = yield Call("qmp", qmp, "query-named-block-nodes", {"flat": True}, jobs.reply())
     if any(n.get("node-name") == STATE_NODE for n in names):
         return
     path = os.path.join(state_dir, "snapshot-state.qcow2")
     file_opts = {"driver": "file", "filename": path, "size": 0}
     yield from jobs.run_job(qmp, "blockdev-create", {"options": file_opts}, deadline, None, True)
     added = {"driver": "file", "node-name": STATE_FILE_NODE, "filename": path}
-    yield Call("qmp", qmp, "blockdev-add", added, deadline)
+    yield Call("qmp", qmp, "blockdev-add", added, jobs.reply())
     qcow2 = {"driver": "qcow2", "file": STATE_FILE_NODE, "size": STATE_SIZE}
     yield from jobs.run_job(qmp, "blockdev-create", {"options": qcow2}, deadline, None, True)
     node = {"driver": "qcow2", "node-name": STATE_NODE, "file": STATE_FILE_NODE}
-    yield Call("qmp", qmp, "blockdev-add", node, deadline)
+    yield Call("qmp", qmp, "blockdev-add", node, jobs.reply())
 
 
 def save(
