@@ -115,7 +115,7 @@ def delete(
     devices: Sequence[str] | None,
     deadline: Deadline,
 ) -> Plan[jobs.Job]:
-    args = yield from _nodes(qmp, state_dir, None, devices, deadline)
-    del args["vmstate"]
-    args["tag"] = name
+    if devices is None:
+        devices = (yield from _nodes(qmp, state_dir, None, None, deadline))["devices"]
+    args = {"tag": name, "devices": list(devices)}
     return (yield from jobs.run_job(qmp, "snapshot-delete", args, deadline, None, True))

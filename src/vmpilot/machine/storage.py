@@ -117,7 +117,8 @@ class SyncStorage:
         devices: Sequence[str] | None = None,
         timeout: float | None = SNAPSHOT_TIMEOUT,
     ) -> Job:
-        """Revert the VM to snapshot `name` (`snapshot-load`)."""
+        """Revert the VM to snapshot `name` (`snapshot-load`). On failure QEMU
+        leaves the VM stopped (`restore-vm`: its state may be half loaded)."""
         plan = snapshots.load(self.qmp, name, self._state(), vmstate, devices, Deadline(timeout))
         return run(plan, _SYNC)
 
