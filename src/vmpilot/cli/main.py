@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import VMError
-from . import compat_cmd, demo, guest_cmd, qmp_shell, run
+from . import compat_cmd, demo, guest_cmd, job_cmd, qmp_shell, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     qmp_shell.add_parsers(sub)
     guest_cmd.add_parser(sub)
     compat_cmd.add_parser(sub)
+    job_cmd.add_parser(sub)
     return parser
 
 
