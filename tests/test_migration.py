@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import run_async
 
-from vmpilot import AsyncMachine, Machine, MigrationError, MigrationTimeout
+from vmpilot import AsyncMachine, ConfigError, Machine, MigrationError, MigrationTimeout
 from vmpilot.machine import migration
 from vmpilot.pytest_plugin import VMFactory
 
@@ -112,6 +112,16 @@ def test_capabilities_reach_both_sides(vm_factory: VMFactory) -> None:
     for vm in (src, dst):
         caps = {c["capability"]: c["state"] for c in vm.execute("query-migrate-capabilities")}
         assert caps["postcopy-ram"] is True and caps["events"] is True
+    src.shutdown()
+    dst.shutdown()
+
+
+def test_a_destination_not_waiting_for_a_migration_is_refused(vm_factory: VMFactory) -> None:
+    src = vm_factory(machine="none", memory=32)
+    dst = vm_factory(machine="none", memory=32)
+    with pytest.raises(ConfigError, match="incoming=True"):
+        src.migrate(dst)
+    assert (status(src), status(dst)) == ("running", "running")  # nothing was sent
     src.shutdown()
     dst.shutdown()
 

@@ -11,15 +11,12 @@ from typing import Any
 import pytest
 from conftest import QEMU
 
-from vmpilot.pytest_plugin import VMFactory
 from vmpilot.snapshot_fixture import FreshVM
 
 ARGS = ["-p", "no:cacheprovider", f"--vmpilot-qemu={QEMU}", "--vmpilot-accel=tcg"]
 
 
-def test_revert_undoes_files_a_hung_shell_and_a_dead_vm(
-    linux_guest: Any, vm_factory: VMFactory
-) -> None:
+def test_revert_undoes_files_a_hung_shell_and_a_dead_vm(linux_guest: Any) -> None:
     fresh = FreshVM(linux_guest.config(qemu=QEMU, accel="tcg"))
     try:
         vm = fresh.fresh()

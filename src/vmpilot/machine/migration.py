@@ -23,7 +23,8 @@ from typing import Any
 
 from .._util.deadline import Deadline
 from .._util.plan import Call, Plan
-from ..errors import MigrationError, MigrationTimeout
+from ..errors import ConfigError, MigrationError, MigrationTimeout
+from .config import MachineConfig
 
 MIGRATE_TIMEOUT = 300.0
 CANCEL_TIMEOUT = 10.0
@@ -46,6 +47,14 @@ class MigrationResult:
     transferred: int  # RAM bytes sent
     source_status: str  # the source VM's run state: `postmigrate`
     destination_status: str  # the destination's: `running` (or `paused` under -S)
+
+
+def check_destination(config: MachineConfig) -> None:
+    if not config.incoming:
+        raise ConfigError(
+            "the migration destination must be launched with incoming=True "
+            "(QEMU's -incoming defer), e.g. image.config(incoming=True)"
+        )
 
 
 def capability_list(capabilities: Mapping[str, bool]) -> list[dict[str, Any]]:

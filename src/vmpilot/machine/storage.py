@@ -92,6 +92,7 @@ class SyncStorage:
         remaining, total)` in bytes; `capabilities` (e.g. `{"postcopy-ram":
         True}`) go to both sides, `parameters` to the source. Failure:
         `MigrationError` with QEMU's reason (the source keeps running)."""
+        migration.check_destination(dst.config)
         plan = migration.migrate(
             self.qmp, dst.qmp, Deadline(timeout), progress, capabilities or {}, parameters or {}
         )
@@ -189,6 +190,7 @@ class AsyncStorage:
         parameters: Mapping[str, Any] | None = None,
     ) -> MigrationResult:
         """See `Machine.migrate`."""
+        migration.check_destination(dst.config)
         plan = migration.migrate(
             self.qmp, dst.qmp, Deadline(timeout), progress, capabilities or {}, parameters or {}
         )
