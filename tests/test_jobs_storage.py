@@ -174,6 +174,23 @@ def test_an_injected_enospc_raises_job_error_with_qemus_text(
     assert qmp_vm.jobs() == []  # dismissed even so
 
 
+def test_the_error_survives_a_callers_auto_dismiss(
+    qmp_vm: Machine, images: tuple[str, str]
+) -> None:
+    """With auto-dismiss on, the job can be gone before `query-jobs` sees its
+    error: BLOCK_JOB_COMPLETED's copy is used."""
+    src, dst = images
+    qcow2(qmp_vm, "src", src)
+    blkdebug = {"driver": "blkdebug", "image": {"driver": "file", "filename": dst},
+                "inject-error": [{"event": "write_aio", "errno": 5}]}  # fmt: skip
+    qmp_vm.execute("blockdev-add", {"driver": "qcow2", "node-name": "dst", "file": blkdebug})
+    with pytest.raises(JobError) as info:
+        qmp_vm.run_job("blockdev-backup", {"device": "src", "target": "dst", "sync": "full",
+                                           "auto-dismiss": True})  # fmt: skip
+    assert info.value.error == "Input/output error"
+    assert qmp_vm.jobs() == []
+
+
 def test_a_timeout_cancels_the_job(qmp_vm: Machine, images: tuple[str, str]) -> None:
     src, dst = images
     qcow2(qmp_vm, "src", src)

@@ -13,7 +13,9 @@ job's progress and error from `query-jobs`, and walks the state machine:
 failed job is still there to be asked for its error.
 
 A job that outlives its deadline is cancelled (`job-cancel`), the plan waits
-for the cancellation (`CANCEL_TIMEOUT`) and raises `JobTimeout`.
+for the cancellation (`CANCEL_TIMEOUT`) and raises `JobTimeout`. (A job
+paused by its own error policy, `on-source-error: stop`, waits for the caller
+and so runs into the deadline.)
 """
 
 from __future__ import annotations
@@ -145,8 +147,10 @@ def follow(
                     yield Call("qmp", qmp, "job-finalize", {"id": job_id}, reply())
     error = last.error if last is not None else None
     if status == "concluded":
-        yield Call("qmp", qmp, "job-dismiss", {"id": job_id}, reply())
-    yield from _drain(qmp, job_id)
+        yield from _dismiss(qmp, job_id)
+    # a caller's auto-dismiss=true may take the job away before query-jobs
+    # sees its error: then BLOCK_JOB_COMPLETED's is the only copy
+    error = error or (yield from _drain(qmp, job_id))
     final = (
         dataclasses.replace(last, status=status) if last is not None else Job(job_id, "", status)
     )
@@ -155,13 +159,25 @@ def follow(
     return final
 
 
-def _drain(qmp: object, job_id: str) -> Plan[None]:
-    """Consume the job's events still queued (its `null`, the `BLOCK_JOB_*` twins)."""
+def _dismiss(qmp: object, job_id: str) -> Plan[None]:
+    try:
+        yield Call("qmp", qmp, "job-dismiss", {"id": job_id}, reply())
+    except CommandError:
+        if (yield from _find(qmp, job_id)) is not None:
+            raise  # not gone by the caller's auto-dismiss: a real refusal
+
+
+def _drain(qmp: object, job_id: str) -> Plan[str | None]:
+    """Consume the job's events still queued (its `null`, the `BLOCK_JOB_*`
+    twins); the error a `BLOCK_JOB_COMPLETED` carried, if any."""
     now = Deadline(0)
     while (yield Call("event", qmp, "JOB_STATUS_CHANGE", {"id": job_id}, now)) is not None:
         pass
-    while (yield Call("event", qmp, BLOCK_JOB_EVENTS, {"device": job_id}, now)) is not None:
-        pass
+    error = None
+    while event := (yield Call("event", qmp, BLOCK_JOB_EVENTS, {"device": job_id}, now)):
+        if event.name == "BLOCK_JOB_COMPLETED" and event.data.get("error"):
+            error = str(event.data["error"])
+    return error
 
 
 def cancel(qmp: object, job_id: str, deadline: Deadline) -> Plan[Job]:
@@ -185,7 +201,7 @@ def cancel(qmp: object, job_id: str, deadline: Deadline) -> Plan[Job]:
         if status == "concluded":
             last = (yield from _find(qmp, job_id)) or last
     if status == "concluded":
-        yield Call("qmp", qmp, "job-dismiss", {"id": job_id}, reply())
+        yield from _dismiss(qmp, job_id)
     yield from _drain(qmp, job_id)
     return dataclasses.replace(last, status=status)
 
