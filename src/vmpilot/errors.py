@@ -158,3 +158,53 @@ class QtestError(VMError):
 
 class QtestClosed(ChannelClosed):
     """The qtest channel closed (QEMU exited, or it was closed)."""
+
+
+# -- jobs and migration -------------------------------------------------------
+
+
+class JobError(VMError):
+    """A QEMU job (block job, blockdev-create, snapshot-*) ended in error;
+    `job_id` names it, `error` is QEMU's own text."""
+
+    def __init__(self, job_id: str, error: str, *, job_type: str = "", status: str = "") -> None:
+        self.job_id = job_id
+        self.error = error
+        self.job_type = job_type
+        self.status = status
+        kind = f" ({job_type})" if job_type else ""
+        super().__init__(f"job {job_id!r}{kind} failed: {error}")
+
+
+class JobTimeout(JobError, Timeout):
+    """A job did not end in time; it was cancelled (`cancelled` says whether
+    the cancellation itself finished in time)."""
+
+    def __init__(self, job_id: str, timeout: float | None, *, cancelled: bool) -> None:
+        Timeout.__init__(self, f"job {job_id!r} to end", timeout)
+        self.job_id = job_id
+        self.error = str(self)
+        self.job_type = ""
+        self.status = ""
+        self.cancelled = cancelled
+        note = "it was cancelled" if cancelled else "it did not end even when cancelled"
+        self.args = (f"{self}; {note}",)
+
+
+class MigrationError(VMError):
+    """A migration failed or was cancelled; `reason` is QEMU's `error-desc`."""
+
+    def __init__(self, reason: str, *, status: str = "failed") -> None:
+        self.reason = reason
+        self.status = status
+        super().__init__(f"migration {status}: {reason}")
+
+
+class MigrationTimeout(MigrationError, Timeout):
+    """A migration did not complete in time; it was cancelled."""
+
+    def __init__(self, timeout: float | None, status: str) -> None:
+        Timeout.__init__(self, "the migration to complete", timeout)
+        self.reason = str(self)
+        self.status = status
+        self.args = (f"{self} (it was cancelled; last status {status!r})",)

@@ -3,6 +3,8 @@
 - `vm_factory`: makes `Machine`s (launched by default) and tracks them; at
   teardown any VM still running is killed and the test fails (a leak).
 - `vm`: a running bundled Linux guest, shell prompt ready.
+- `snapshot_vm`: the same, booted once per worker and reverted to a
+  snapshot before each test (see `snapshot_fixture`).
 - `qmp_vm`: a fast `-machine none` VM for protocol tests.
 - `async_vm_factory`, and with pytest-asyncio (or anyio) `async_vm` and
   `async_qmp_vm`: the same for `AsyncMachine`.
@@ -29,6 +31,8 @@ import pytest
 
 from . import guest
 from .machine import AsyncMachine, Machine, MachineConfig
+from .snapshot_fixture import snapshot_vm as snapshot_vm  # a fresh guest per test, by revert
+from .snapshot_fixture import vmpilot_fresh_vm as vmpilot_fresh_vm
 
 # --vmpilot-hosts: spread the suite over a fleet of hosts (pytest-xdist over ssh)
 pytest_plugins = ["vmpilot.fleet.plugin"]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import VMError
-from . import compat_cmd, demo, guest_cmd, qga_shell, qmp_shell, run
+from . import compat_cmd, demo, guest_cmd, job_cmd, qga_shell, qmp_shell, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     qga_shell.add_parser(sub)
     guest_cmd.add_parser(sub)
     compat_cmd.add_parser(sub)
+    job_cmd.add_parser(sub)
     return parser
 
 

@@ -32,9 +32,10 @@ from ._common import (
 from ._plans import FINISH_TIMEOUT, Method
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
+from .storage import AsyncStorage
 
 
-class AsyncMachine(Common):
+class AsyncMachine(AsyncStorage, Common):
     """A QEMU VM driven from asyncio; the same contract (and the same plans) as `Machine`."""
 
     def __init__(self, config: MachineConfig | None = None, **overrides: Any) -> None:

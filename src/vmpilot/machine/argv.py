@@ -75,6 +75,8 @@ def build_argv(
         argv += ["-netdev", netdev if isinstance(netdev, str) else option_map("netdev", netdev)]
     for dev in cfg.devices:
         argv += ["-device", dev if isinstance(dev, str) else option_map("device", dev)]
+    if cfg.incoming:
+        argv += ["-incoming", "defer"]  # the channel comes later, by fd (see migration.py)
     argv += list(cfg.extra_args)
     return argv + _channels(wiring)
 

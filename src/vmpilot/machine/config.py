@@ -175,6 +175,8 @@ class MachineConfig:
     name: str | None = None
     log_dir: str | None = None  # keep qemu.log / console.log in a subdir of this
     expose_qmp: bool = False  # also serve QMP on a unix socket (vm.qmp_path) for other tools
+    incoming: bool = False  # wait for a migration (`-incoming defer`): the target of migrate()
+    snapshots: bool = False  # vm.snapshot_*: a qcow2 state disk in the temp dir, made on first use
     extra_args: Sequence[str] = ()
     arch: str = "x86_64"  # the guest's architecture: picks the defaults above (see ARCHES)
     cpu: str | None = None  # None: `host` under KVM, else the arch's default

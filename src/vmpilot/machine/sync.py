@@ -32,9 +32,10 @@ from ._common import (
 from ._plans import DRAIN_TIMEOUT, FINISH_TIMEOUT, Method
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
+from .storage import SyncStorage
 
 
-class Machine(Common):
+class Machine(SyncStorage, Common):
     """A QEMU VM driven from blocking code.
 
     `Machine(config)` or `Machine(machine="none", memory=64, ...)`; then
