@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import AbnormalShutdown, LaunchError
-from . import process
+from . import process, virtiofs
 from .argv import Wiring, build_argv
 from .config import ConfigError, MachineConfig
 from .tempdirs import make_temp_dir
@@ -75,6 +75,7 @@ class Lifecycle:
         self.preset_fds: list[tuple[int, int, str | None]] = []  # -add-fd before launch
         self.kept_log_dir: str | None = None
         self.process: process.QemuProcess | None = None  # the owner of QEMU the process
+        self.virtiofsds: list[virtiofs.Virtiofsd] = []  # reaped by cleanup, after QEMU
         self.crash_reported = False
         self._log_text: str | None = None
         self._console_text: str | None = None
@@ -142,6 +143,8 @@ class Lifecycle:
             if cfg.serial:
                 self.console_path = os.path.join(logs or self.temp_dir, "console.log")
             theirs = {name: pair[1].fileno() for name, pair in pairs.items()}
+            if cfg.shares:
+                self.virtiofsds = virtiofs.start_all(cfg.shares, self.temp_dir)
             wiring = Wiring(
                 qmp_fd=theirs["qmp"],
                 qmp_path=self.qmp_path,
@@ -149,6 +152,7 @@ class Lifecycle:
                 qtest_fd=theirs.get("qtest"),
                 agent_fd=theirs.get("agent"),
                 preset_fds=tuple(self.preset_fds),
+                virtiofs_fds=tuple(d.qemu_fd for d in self.virtiofsds),
             )
             argv = self.argv = build_argv(cfg, self.accel, wiring, qemu)
             log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -168,6 +172,8 @@ class Lifecycle:
         finally:
             for _, far in pairs.values():
                 far.close()
+            for daemon in self.virtiofsds:
+                daemon.release_qemu_end()  # QEMU has its copy
             if log_fd >= 0:
                 os.close(log_fd)
         return {name: ours for name, (ours, _) in pairs.items()}
@@ -242,6 +248,8 @@ class Lifecycle:
                 log.exception("cleanup step %r failed", fn)
         if self.process is not None:
             self.process.close()  # kills and reaps a QEMU still there
+        for daemon in self.virtiofsds:  # they exit once QEMU's end is closed
+            daemon.close()
         self._log_text = self._read_log(self.log_path)
         self._console_text = self._read_log(self.console_path)
         if self.temp_dir is not None:
