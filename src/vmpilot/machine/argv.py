@@ -13,7 +13,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-from .config import MachineConfig, Share, escape, option_map, options
+from .config import MachineConfig, Share, escape, option_map, options, pairs
 
 QMP_ID = "vmpilot-qmp"
 QMP_UNIX_ID = "vmpilot-qmp-unix"
@@ -120,9 +120,11 @@ def _shares(shares: Sequence[Share], virtiofs_fds: Sequence[int] | None) -> list
             argv += ["-device", options("vhost-user-fs-pci", chardev=fsid, tag=tag)]
         else:
             host = os.path.abspath(os.fspath(share.host_path))
-            argv += ["-fsdev", options("local", id=fsid, path=host, security_model="none",
-                                       readonly=share.readonly or None)]  # fmt: skip
-            argv += ["-device", options("virtio-9p-pci", fsdev=fsid, mount_tag=tag)]
+            # these keys are spelt with '_' (`options` would write '-')
+            fsdev = {"id": fsid, "path": host, "security_model": "none",
+                     "readonly": share.readonly or None}  # fmt: skip
+            argv += ["-fsdev", pairs("local", fsdev)]
+            argv += ["-device", pairs("virtio-9p-pci", {"fsdev": fsid, "mount_tag": tag})]
     return argv
 
 
