@@ -5,4 +5,14 @@ from . import tiny
 from .build import PROMPT, READY, GuestImage, build, clean, default, for_kernel
 from .deb import PackageError
 
-__all__ = ["PROMPT", "READY", "GuestImage", "PackageError", "build", "clean", "default", "for_kernel", "tiny"]
+__all__ = [
+    "PROMPT",
+    "READY",
+    "GuestImage",
+    "PackageError",
+    "build",
+    "clean",
+    "default",
+    "for_kernel",
+    "tiny",
+]

@@ -27,7 +27,7 @@ WANTED = (
     "kernel/drivers/input/evdev.ko",  # the ACPI power button's /dev/input/event*
     "kernel/drivers/acpi/button.ko",
     "kernel/drivers/virtio/virtio_pci.ko",
-    "kernel/drivers/virtio/virtio_mmio.ko",  # virtio on machines without PCI (arm's virt can use it)
+    "kernel/drivers/virtio/virtio_mmio.ko",  # virtio without PCI (arm virt can use it)
     "kernel/drivers/char/virtio_console.ko",  # qemu-ga's virtio-serial port
     "kernel/drivers/block/virtio_blk.ko",
     "kernel/drivers/scsi/virtio_scsi.ko",
