@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import QEMU
 
-from vmpilot import ConfigError, Machine, MachineConfig, Share
+from vmpilot import ConfigError, LaunchError, Machine, MachineConfig, Share
 from vmpilot.guest import GuestImage
 from vmpilot.machine import virtiofs
 from vmpilot.machine.argv import Wiring, build_argv
@@ -171,3 +171,17 @@ def test_9p_fallback_without_virtiofsd_reaches_the_guest(
         assert _children("virtiofsd") == set()
         vm.console.expect("cannot mount the 9p share vmpilot0 at /mnt/s", timeout=BOOT_TIMEOUT)
         assert "virtio-9p-pci" in vm.argv[vm.argv.index("-fsdev") + 2 :][1]
+
+
+def test_a_failing_virtiofsd_fails_the_launch_with_its_own_words(
+    linux_guest: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "virtiofsd"
+    fake.write_text("#!/bin/sh\necho 'fake virtiofsd: cannot serve this' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("VMPILOT_VIRTIOFSD", str(fake))
+    vm = Machine(linux_guest.config(qemu=QEMU, shares=[Share(tmp_path)]))
+    with pytest.raises(LaunchError) as err:
+        vm.launch()
+    assert "virtiofsd for share 0:\nfake virtiofsd: cannot serve this" in str(err.value)
+    assert vm.state == "failed" and vm.temp_dir is None

@@ -190,7 +190,15 @@ class Lifecycle:
             argv=self.argv,
             exit_code=rc if rc is not None and rc >= 0 else None,
             exit_signal=-rc if rc is not None and rc < 0 else None,
-            log=self.log,
+            log=self.log + self.daemon_logs(),
+        )
+
+    def daemon_logs(self) -> str:
+        """What the virtiofsds said (a share's failure shows there, not in QEMU's log)."""
+        return "".join(
+            f"\nvirtiofsd for share {i}:\n{d.log.rstrip()}"
+            for i, d in enumerate(self.virtiofsds)
+            if d.log.strip()
         )
 
     # -- ending -----------------------------------------------------------

@@ -23,6 +23,7 @@ itself when QEMU closes its end; the Machine's post-shutdown step reaps it
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -57,6 +58,7 @@ def transport() -> str:
     return "virtiofs" if find_virtiofsd() else "9p"
 
 
+@functools.lru_cache(maxsize=4)
 def _is_rust(binary: str) -> bool:
     try:
         out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=10)
@@ -85,6 +87,7 @@ class Virtiofsd:
 
     def __init__(self, binary: str, share: Share, rundir: str, index: int, log_path: str) -> None:
         self.log_path = log_path
+        self._kept_log: str | None = None
         dirfd = os.open(rundir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._qemu_end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -118,6 +121,9 @@ class Virtiofsd:
 
     @property
     def log(self) -> str:
+        """What virtiofsd printed (tail); kept after `close()`."""
+        if self._kept_log is not None:
+            return self._kept_log
         try:
             with open(self.log_path, errors="replace") as f:
                 return f.read()[-2000:]
@@ -136,6 +142,7 @@ class Virtiofsd:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(KILL_TIMEOUT)
+        self._kept_log = self.log  # its file goes with the Machine's temp dir
 
 
 def start_all(shares: Sequence[Share], rundir: str) -> list[Virtiofsd]:
