@@ -71,9 +71,10 @@ def test_bad_shares_are_refused_before_qemu_runs(
         kernel_config(tmp_path, shares=shares).validate()
 
 
-def test_shares_need_a_kernel() -> None:
-    with pytest.raises(ConfigError, match="need a kernel"):
-        MachineConfig(qemu=QEMU, shares=[Share("/tmp")]).validate()
+def test_without_a_kernel_the_tags_are_for_the_guest_to_mount() -> None:
+    argv = build_argv(MachineConfig(qemu=QEMU, shares=[Share("/tmp")]), "tcg")
+    assert "-append" not in argv
+    assert "virtio-9p-pci,fsdev=vmpilot-fs0,mount_tag=vmpilot0" in argv
 
 
 def _children(name: str, parent: int | None = None) -> set[int]:

@@ -73,7 +73,10 @@ def build_argv(
         argv += ["-kernel", os.fspath(cfg.kernel)]
     if cfg.initrd is not None:
         argv += ["-initrd", os.fspath(cfg.initrd)]
-    append = " ".join(filter(None, [cfg.append, *share_words(cfg.shares, virtiofs)]))
+    # the mount table for the bundled guest's /init (without -kernel there is
+    # no command line to carry it: the guest mounts the tags `vmpilot<N>` itself)
+    words = share_words(cfg.shares, virtiofs) if cfg.kernel is not None else []
+    append = " ".join(filter(None, [cfg.append, *words]))
     if cfg.append is not None or append:
         argv += ["-append", append]
     if cfg.no_reboot:

@@ -238,8 +238,6 @@ class MachineConfig:
             if target in targets:
                 raise ConfigError(f"two shares are mounted at {target!r}")
             targets.add(target)
-        if self.shares and self.kernel is None:
-            raise ConfigError("shares are mounted by the bundled guest's init: they need a kernel")
 
     def _validate_forwards(self) -> None:
         guests: set[int] = set()
