@@ -14,9 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import QEMU
+from conftest import QEMU, run_async
 
-from vmpilot import ConfigError, LaunchError, Machine, MachineConfig, Share
+from vmpilot import AsyncMachine, ConfigError, LaunchError, Machine, MachineConfig, Share
 from vmpilot.guest import GuestImage
 from vmpilot.machine import virtiofs
 from vmpilot.machine.argv import Wiring, build_argv
@@ -186,3 +186,17 @@ def test_a_failing_virtiofsd_fails_the_launch_with_its_own_words(
         vm.launch()
     assert "virtiofsd for share 0:\nfake virtiofsd: cannot serve this" in str(err.value)
     assert vm.state == "failed" and vm.temp_dir is None
+
+
+@needs_virtiofsd
+def test_async_machine_reaps_its_virtiofsd_too(linux_guest: GuestImage, tmp_path: Path) -> None:
+    async def main() -> set[int]:
+        vm = AsyncMachine(linux_guest.config(qemu=QEMU, shares=[Share(tmp_path)]))
+        await vm.launch()
+        daemons = _children("virtiofsd")
+        await vm.kill()
+        return daemons
+
+    daemons = run_async(main())
+    assert len(daemons) == 1
+    assert _children("virtiofsd") == set()
