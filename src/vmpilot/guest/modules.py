@@ -17,6 +17,7 @@ import lzma
 import os
 import struct
 import subprocess
+from collections.abc import Iterator, Mapping
 
 from ..errors import GuestError
 
@@ -105,7 +106,7 @@ def decompress(path: str, data: bytes) -> bytes:
     return data
 
 
-def select(files: dict[str, bytes], wanted: tuple[str, ...] = WANTED) -> list[Module]:
+def select(files: Mapping[str, bytes], wanted: tuple[str, ...] = WANTED) -> list[Module]:
     """The modules of `wanted` found in `files` ({path under the release dir:
     bytes, possibly compressed}) and everything they depend on, dependencies
     first. A wanted module that is not there is skipped (built in, or absent)."""
@@ -171,7 +172,27 @@ def index(modules: list[Module]) -> dict[str, str]:
     }
 
 
-def read_tree(directory: str) -> tuple[str, dict[str, bytes]]:
+class _Tree(Mapping[str, bytes]):
+    """{path: bytes} of a modules directory, each file read when asked for:
+    only the chosen modules and their dependencies are ever read."""
+
+    def __init__(self, root: str, paths: list[str]) -> None:
+        self.root, self.paths = root, paths
+
+    def __getitem__(self, path: str) -> bytes:
+        if path not in self.paths:
+            raise KeyError(path)
+        with open(os.path.join(self.root, path), "rb") as f:
+            return f.read()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_tree(directory: str) -> tuple[str, Mapping[str, bytes]]:
     """(release, {path: bytes}) of the modules under `directory`: the
     `INSTALL_MOD_PATH` of `make modules_install` (holding lib/modules/RELEASE)
     or that RELEASE directory itself."""
@@ -192,12 +213,10 @@ def read_tree(directory: str) -> tuple[str, dict[str, bytes]]:
             f"{directory} holds no kernel modules (no kernel/ directory): pass the "
             f"INSTALL_MOD_PATH of `make modules_install` or its lib/modules/RELEASE"
         )
-    files: dict[str, bytes] = {}
+    paths = []
     for dirpath, _dirs, names in os.walk(os.path.join(root, "kernel")):
         for name in names:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            if name.endswith(_SUFFIXES) and wanted_file(rel):
-                with open(full, "rb") as f:
-                    files[rel] = f.read()
-    return os.path.basename(os.path.normpath(root)), files
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if wanted_file(rel):
+                paths.append(rel)
+    return os.path.basename(os.path.normpath(root)), _Tree(root, sorted(paths))
