@@ -62,6 +62,7 @@ def test_without_a_virtiofsd_shares_go_over_qemus_9p(tmp_path: Path) -> None:
         ([Share("/nonexistent/dir")], "does not exist"),
         ([Share("/tmp", "relative")], "must be absolute"),
         ([Share("/tmp", "/x"), Share("/var", "/x")], "two shares are mounted at '/x'"),
+        ([Share("/tmp", "/.")], "over the guest's root"),
     ],
 )
 def test_bad_shares_are_refused_before_qemu_runs(

@@ -235,6 +235,8 @@ class MachineConfig:
             target = share.target
             if not target.startswith("/") or any(c in target for c in "\0\n"):
                 raise ConfigError(f"guest path {target!r} must be absolute, one line")
+            if os.path.normpath(target) == "/":
+                raise ConfigError(f"a share cannot be mounted over the guest's root: {share!r}")
             if target in targets:
                 raise ConfigError(f"two shares are mounted at {target!r}")
             targets.add(target)
