@@ -26,7 +26,7 @@ from .errors import (
     ValidationError,
     VMError,
 )
-from .machine import AsyncMachine, Drive, Machine, MachineConfig
+from .machine import AsyncMachine, Drive, Machine, MachineConfig, Share
 from .qmp import AsyncQMPClient, Event, QMPClient
 
 __version__ = "0.1.0"
@@ -60,6 +60,7 @@ __all__ = [
     "QMPError",
     "QtestClosed",
     "QtestError",
+    "Share",
     "Timeout",
     "VMError",
     "ValidationError",

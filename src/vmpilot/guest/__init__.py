@@ -2,7 +2,17 @@
 firmware image for tests that need no kernel."""
 
 from . import tiny
-from .build import PROMPT, READY, GuestImage, build, clean, default
+from .build import PROMPT, READY, GuestImage, build, clean, default, for_kernel
 from .deb import PackageError
 
-__all__ = ["PROMPT", "READY", "GuestImage", "PackageError", "build", "clean", "default", "tiny"]
+__all__ = [
+    "PROMPT",
+    "READY",
+    "GuestImage",
+    "PackageError",
+    "build",
+    "clean",
+    "default",
+    "for_kernel",
+    "tiny",
+]

@@ -34,10 +34,11 @@ from ..errors import GuestError
 from ..machine.config import ARCHES, MachineConfig
 from . import cpio as cpio_module
 from . import deb, elf, foreign, gpiowait, private
+from . import modules as modules_module
 from .cpio import CpioWriter
 
 KERNEL_META = "linux-image-cloud-amd64"  # LZ4-compressed: boots ~2x faster under TCG
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 
 # qemu-ga's guest-shutdown runs `/sbin/shutdown -P|-H|-r +0 ...`; busybox has
 # no shutdown applet.
@@ -53,17 +54,19 @@ def _append(arch: str) -> str:
     return DEFAULT_APPEND.replace("ttyS0", ARCHES[arch].console)
 
 
-# (group, module) in load order; init loads a group only when it is useful.
-MODULES = [
-    ("power", "kernel/drivers/input/evdev.ko"),
-    ("power", "kernel/drivers/acpi/button.ko"),
-    ("virtio", "kernel/drivers/virtio/virtio_ring.ko"),
-    ("virtio", "kernel/drivers/virtio/virtio.ko"),
-    ("virtio", "kernel/drivers/virtio/virtio_pci_legacy_dev.ko"),
-    ("virtio", "kernel/drivers/virtio/virtio_pci_modern_dev.ko"),
-    ("virtio", "kernel/drivers/virtio/virtio_pci.ko"),
-    ("virtio", "kernel/drivers/char/virtio_console.ko"),
-]
+# busybox udhcpc's hook: configure the NIC from the lease (no DNS: user-mode
+# networking's 10.0.2.3 resolver is written when offered)
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+  bound|renew)
+    ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" up
+    [ -n "$router" ] && route add default gw "${router%% *}" dev "$interface" 2>/dev/null
+    : >/etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done ;;
+  deconfig) ifconfig "$interface" 0.0.0.0 ;;
+esac
+exit 0
+"""
 
 # /bin/ioport-exit N: ioperm(0xf4) + outb(N, 0xf4), for isa-debug-exit. The
 # cloud kernel has no /dev/port, so the shell cannot do it. Machine code of
@@ -90,12 +93,6 @@ def _static_elf(code: bytes, base: int = 0x400000, machine: int = 0x3E) -> bytes
     return ehdr + phdr + code
 
 
-# The aarch64 guest (virt board): the same virtio modules, by their paths in
-# Debian's arm64 package; no power modules (the button is a GPIO line, see
-# gpiowait.py; PL061 and the GPIO character device are built in).
-AARCH64_MODULES = [(g, m) for g, m in MODULES if g == "virtio"]
-
-
 @dataclasses.dataclass(frozen=True)
 class GuestArch:
     """Where the guest of one architecture comes from."""
@@ -103,18 +100,17 @@ class GuestArch:
     name: str  # `uname -m`
     deb_arch: str  # Debian's name
     kernel_meta: str
-    modules: list[tuple[str, str]]
     programs: dict[str, bytes]  # path in the initramfs: static executable
 
 
 def guest_arch(arch: str) -> GuestArch:
     if arch == "x86_64":
-        return GuestArch(
-            arch, "amd64", KERNEL_META, MODULES, {"bin/ioport-exit": _static_elf(_IOEXIT)}
-        )
+        return GuestArch(arch, "amd64", KERNEL_META, {"bin/ioport-exit": _static_elf(_IOEXIT)})
     if arch == "aarch64":
         return GuestArch(
-            arch, "arm64", "linux-image-cloud-arm64", AARCH64_MODULES,
+            # the same drivers by path (modules.WANTED); no power modules: the
+            # button is a GPIO line (gpiowait.py; PL061 and gpiochip are built in)
+            arch, "arm64", "linux-image-cloud-arm64",
             {"bin/gpio-wait": _static_elf(gpiowait.CODE, machine=0xB7)},
         )  # fmt: skip
     raise GuestError(f"no bundled guest for arch {arch!r} (there are: x86_64, aarch64)")
@@ -137,11 +133,27 @@ class GuestImage:
     agent: bool = False  # qemu-ga is in the initramfs
     arch: str = "x86_64"  # the guest's `uname -m`: picks QEMU's binary, board and CPU
 
-    def config(self, *, options: str = "", **overrides: Any) -> MachineConfig:
+    def config(
+        self,
+        *,
+        options: str = "",
+        kernel: str | os.PathLike[str] | None = None,
+        modules: str | os.PathLike[str] | None = None,
+        **overrides: Any,
+    ) -> MachineConfig:
         """A `MachineConfig` that boots this guest with its serial console on.
 
         `options` are extra kernel command line words (e.g. `vmpilot.pd=ignore`).
+        `kernel` boots your own kernel with this guest's userspace, and
+        `modules` its modules (the `INSTALL_MOD_PATH` of `make modules_install`):
+        see `for_kernel`.
         """
+        if kernel is not None or modules is not None:
+            if kernel is None:
+                raise GuestError("modules= needs the kernel= they were built for")
+            own = for_kernel(kernel, modules, agent=self.agent, arch=self.arch)
+            own = dataclasses.replace(own, append=self.append)
+            return own.config(options=options, **overrides)
         append = f"{self.append} {options}".strip()
         values: dict[str, Any] = dict(
             arch=self.arch,
@@ -164,7 +176,7 @@ def _init_script() -> str:
 def _key(debs: dict[str, deb.Deb], init: str, agent: bool, arch: str) -> str:
     """Names this build's inputs: a change of package, init or builder code
     gets a new directory, never a stale one."""
-    modules = (deb, elf, cpio_module, private, gpiowait)
+    modules = (deb, elf, cpio_module, private, gpiowait, modules_module)
     builder = [__file__] + [m.__file__ for m in modules if m.__file__]
     sources = [hashlib.sha256(pathlib.Path(p).read_bytes()).hexdigest() for p in builder]
     blob = json.dumps(
@@ -181,13 +193,14 @@ def _file_record(data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def load(path: str) -> GuestImage:
+def load(path: str, kernel: str | None = None) -> GuestImage:
     """The guest built in `path`, after checking that its boot files are
-    those its manifest recorded (size and SHA-256); `GuestError` otherwise."""
+    those its manifest recorded (size and SHA-256); `GuestError` otherwise.
+    With `kernel` (a `for_kernel` build), only the initramfs is ours."""
     try:
         m = json.loads(private.read(os.path.join(path, "manifest.json")))
         records = m["files"]
-        for name in BOOT_FILES:
+        for name in BOOT_FILES if kernel is None else BOOT_FILES[1:]:
             data = private.read(os.path.join(path, name))
             if _file_record(data) != records[name]:
                 raise GuestError(
@@ -200,7 +213,7 @@ def load(path: str) -> GuestImage:
     except (OSError, ValueError, KeyError, TypeError, GuestError) as exc:
         raise GuestError(f"{path} holds no intact guest build: {exc!r}") from exc
     return GuestImage(
-        kernel=os.path.join(path, "vmlinuz"),
+        kernel=kernel or os.path.join(path, "vmlinuz"),
         initrd=os.path.join(path, "initramfs.cpio.gz"),
         kernel_release=release,
         path=path,
@@ -299,12 +312,11 @@ def _write(
     t0: float,
     spec: GuestArch,
 ) -> None:
-    wanted = {m for _, m in spec.modules}
     kfiles = deb.extract(
         debs[kernel_pkg],
         lambda p: (
             p.startswith("boot/vmlinuz-")
-            or (p.startswith("lib/modules/") and p.split("/", 3)[-1] in wanted)
+            or (p.startswith("lib/modules/") and modules_module.wanted_file(p.split("/", 3)[-1]))
         ),
     )
     vmlinuz = [p for p in kfiles if p.startswith("boot/vmlinuz-")]
@@ -312,10 +324,56 @@ def _write(
         raise GuestError(f"{debs[kernel_pkg].package.filename} holds no boot/vmlinuz-*")
     release = vmlinuz[0].removeprefix("boot/vmlinuz-")
     say(f"extracted kernel {release}")
+    prefix = f"lib/modules/{release}/"
+    mods = modules_module.select(
+        {p.removeprefix(prefix): d for p, d in kfiles.items() if p.startswith(prefix)}
+    )
+    files = {
+        "initramfs.cpio.gz": _initramfs(init, debs, release, mods, agent, spec),
+        "vmlinuz": kfiles[vmlinuz[0]],
+    }
+    extra = {"kernel_package": kernel_pkg, "arch": spec.name}
+    _save(out, files, extra, debs, release, mods, agent, t0)
+
+
+def _save(
+    out: str,
+    files: dict[str, bytes],
+    extra: dict[str, Any],
+    debs: dict[str, deb.Deb],
+    release: str,
+    mods: list[modules_module.Module],
+    agent: bool,
+    t0: float,
+) -> None:
+    for name, data in files.items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(
+            {"kernel_release": release, **extra,
+             "debs": {p: {"file": d.package.filename, d.package.hash_name: d.package.digest}
+                      for p, d in debs.items()},
+             "files": {name: _file_record(data) for name, data in files.items()},
+             "modules": [m.path for m in mods], "agent": agent,
+             "build_seconds": round(time.monotonic() - t0, 2)},
+            f, indent=2,
+        )  # fmt: skip
+
+
+def _initramfs(
+    init: str,
+    debs: dict[str, deb.Deb],
+    release: str,
+    mods: list[modules_module.Module],
+    agent: bool,
+    spec: GuestArch,
+) -> bytes:
+    """The gzipped initramfs: busybox, /init, the modules with their indexes
+    under lib/modules/RELEASE (so `modprobe` works), qemu-ga if `agent`."""
     busybox = deb.extract(debs["busybox-static"], lambda p: p == "bin/busybox").get("bin/busybox")
     if busybox is None:
         raise GuestError(f"{debs['busybox-static'].package.filename} holds no bin/busybox")
-
     cpio = CpioWriter()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "root"):
         cpio.directory(d)
@@ -328,36 +386,21 @@ def _write(
         cpio.file(program, code, 0o755)
     cpio.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
     cpio.file("etc/group", "root:x:0:\n")
-    lines = []
-    for group, module in spec.modules:
-        path = f"lib/modules/{release}/{module}"
-        if path not in kfiles:
-            raise GuestError(f"module {module} is not in {kernel_pkg}")
-        name = os.path.basename(module).removesuffix(".ko")
-        cpio.file(f"lib/modules/{name}.ko", kfiles[path])
-        lines.append(f"{group} {name}")
-    cpio.file("etc/modules", "\n".join(lines) + "\n")
+    cpio.file("etc/udhcpc.script", UDHCPC_SCRIPT, 0o755)
+    if mods:
+        for m in mods:
+            cpio.file(f"lib/modules/{release}/{m.path}", m.data)
+        for name, text in modules_module.index(mods).items():
+            cpio.file(f"lib/modules/{release}/{name}", text)
     if agent:
-        libs = {p: d for p, d in debs.items() if p not in (kernel_pkg, "busybox-static")}
+        libs = {
+            p: x
+            for p, x in debs.items()
+            if p != "busybox-static" and not p.startswith("linux-image")
+        }
         libs.pop("qemu-guest-agent")
         _add_agent(cpio, debs["qemu-guest-agent"], libs)
-    files = {
-        "initramfs.cpio.gz": gzip.compress(cpio.getvalue(), compresslevel=6, mtime=0),
-        "vmlinuz": kfiles[vmlinuz[0]],
-    }
-    for name, data in files.items():
-        with open(os.path.join(out, name), "wb") as f:
-            f.write(data)
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(
-            {"kernel_release": release, "kernel_package": kernel_pkg,
-             "debs": {p: {"file": d.package.filename, d.package.hash_name: d.package.digest}
-                      for p, d in debs.items()},
-             "files": {name: _file_record(data) for name, data in files.items()},
-             "modules": lines, "agent": agent, "arch": spec.name,
-             "build_seconds": round(time.monotonic() - t0, 2)},
-            f, indent=2,
-        )  # fmt: skip
+    return gzip.compress(cpio.getvalue(), compresslevel=6, mtime=0)
 
 
 def _add_agent(cpio: CpioWriter, agent_deb: deb.Deb, lib_debs: dict[str, deb.Deb]) -> None:
@@ -393,6 +436,66 @@ def default(
     return build(agent=agent, arch=arch, progress=progress)
 
 
+def for_kernel(
+    kernel: str | os.PathLike[str],
+    modules: str | os.PathLike[str] | None = None,
+    *,
+    agent: bool = False,
+    arch: str = "x86_64",
+    cache: str | None = None,
+    progress: Progress | None = None,
+) -> GuestImage:
+    """Your own kernel with the bundled userspace: a per-kernel initramfs
+    (busybox, /init, and the guest's drivers from `modules`, the
+    `INSTALL_MOD_PATH` of `make modules_install` or its lib/modules/RELEASE),
+    cached by a hash of what goes in. Without `modules` the kernel must have
+    what it needs built in (virtio, ...); the initramfs then has no modules."""
+    say = progress or (lambda _msg: None)
+    t0 = time.monotonic()
+    kernel = os.path.abspath(os.fspath(kernel))
+    if not os.access(kernel, os.R_OK):
+        raise GuestError(f"kernel {kernel!r} does not exist or is unreadable")
+    release, mods = "", []
+    if modules is not None:
+        release, files = modules_module.read_tree(os.fspath(modules))
+        mods = modules_module.select(files)
+        say(f"{len(mods)} modules of {release} for the guest")
+    spec = guest_arch(arch)
+    root = private.directory(cache or cache_root(), follow=True)
+    kernels = os.path.join(root, "kernels")
+    with private.locked(os.path.join(root, "guest.lock")):
+        private.directory(kernels)
+        apt = foreign.prepare(root, spec.deb_arch) if arch != platform.machine() else []
+        packages = ["busybox-static"]
+        if agent:
+            packages += deb.closure("qemu-guest-agent", apt) if apt else ["qemu-guest-agent"]
+        debs = deb.fetch(packages, os.path.join(root, "debs"), apt)
+        init = _init_script()
+        blob = json.dumps(
+            [_key(debs, init, agent, arch), release,
+             [(m.path, hashlib.sha256(m.data).hexdigest()) for m in mods]]
+        )  # fmt: skip
+        final = os.path.join(kernels, hashlib.sha256(blob.encode()).hexdigest()[:16])
+        if os.path.lexists(final):
+            try:
+                private.directory(final)
+                return load(final, kernel)
+            except (GuestError, OSError) as exc:
+                say(f"not using the cached initramfs ({exc}): rebuilding it")
+                _discard(final)
+        tmp = tempfile.mkdtemp(prefix=".build-", dir=kernels)
+        try:
+            files = {"initramfs.cpio.gz": _initramfs(init, debs, release, mods, agent, spec)}
+            extra = {"modules_from": os.fspath(modules or ""), "arch": spec.name}
+            _save(tmp, files, extra, debs, release, mods, agent, t0)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        say(f"initramfs for {kernel} built in {time.monotonic() - t0:.1f} s: {final}")
+        return load(final, kernel)
+
+
 def clean(cache: str | None = None) -> list[str]:
     """Remove every cached guest build, downloaded package and private apt
     directory (another architecture's lists); returns what went."""
@@ -401,7 +504,7 @@ def clean(cache: str | None = None) -> list[str]:
     arches = (
         sorted(n for n in os.listdir(root) if n.startswith("apt-")) if os.path.isdir(root) else []
     )
-    for sub in ("guest", "debs", *arches):
+    for sub in ("guest", "kernels", "debs", *arches):
         path = os.path.join(root, sub)
         if os.path.lexists(path):
             _discard(path)  # a symlink goes, never what it points to

@@ -7,6 +7,10 @@
 #   vmpilot.exit=N        exit QEMU with status (N<<1)|1 through isa-debug-exit
 #                         (x86 only; needs -device isa-debug-exit,iobase=0xf4,iosize=4)
 #   vmpilot.run=CMD       run CMD before the shell ('+' stands for a space)
+#   vmpilot.share=TYPE:TAG:ro|rw:PATH   mount a host directory (virtiofs or 9p) at
+#                         PATH (%XX-escaped); vmpilot's MachineConfig(shares=...) adds these
+# Drivers (lib/modules/RELEASE, with modules.dep and modules.alias) are loaded
+# for the devices present; a NIC is configured by DHCP (busybox udhcpc).
 # qemu-ga, when the image has it, starts on the port org.qemu.guest_agent.0.
 # the applets' symlinks (/bin/sh exists): the builder never runs busybox on the host
 /bin/busybox --install -s
@@ -18,24 +22,49 @@ mkdir -p /dev/pts /run /tmp
 mount -t devpts devpts /dev/pts
 dmesg -n 1  # keep kernel messages off the console the tests read
 
-pd=poweroff exitcode= run=
+pd=poweroff exitcode= run= shares=
 for word in $(cat /proc/cmdline); do
   case $word in
     vmpilot.pd=*) pd=${word#*=} ;;
     vmpilot.exit=*) exitcode=${word#*=} ;;
     vmpilot.run=*) run=$(echo "${word#*=}" | tr + ' ') ;;
+    vmpilot.share=*) shares="$shares ${word#*=}" ;;
   esac
 done
 
-# No modules.dep in the kernel package: /etc/modules lists "group module" in
-# load order; a group is loaded only when it is useful (each insmod costs a
-# signature check, tens of ms under TCG).
-groups=""
-[ "$pd" != none ] && groups="power"
-grep -qs 0x1af4 /sys/bus/pci/devices/*/vendor && groups="$groups virtio"
-while read -r group module; do
-  case " $groups " in *" $group "*) insmod "/lib/modules/$module.ko" 2>/dev/null ;; esac
-done </etc/modules
+# Drivers for the devices present, by their modalias (each module costs a
+# signature check, tens of ms under TCG: only what is used is loaded). The
+# bus drivers (virtio_pci, ata_piix, ...) come first: the devices they find
+# (virtio's) are matched in a second round; disks behind a SCSI host need sd.
+modalias() { cat "$@" 2>/dev/null | sort -u; }
+if [ -d "/lib/modules/$(uname -r)" ]; then
+  [ "$pd" != none ] && modprobe -qa evdev button
+  modprobe -qa $(modalias /sys/bus/pci/devices/*/modalias /sys/bus/platform/devices/*/modalias)
+  modprobe -qa $(modalias /sys/bus/virtio/devices/*/modalias)
+  ls /sys/class/scsi_host/ 2>/dev/null | grep -q . && modprobe -qa sd_mod sr_mod
+fi
+
+# Host directories: virtiofs, or 9p (trans=virtio), each at its path.
+for share in $shares; do
+  IFS=: read -r type tag mode path <<EOF
+$share
+EOF
+  path=$(printf "$(echo "$path" | sed 's/%\(..\)/\\x\1/g')")
+  opts=$mode
+  [ "$type" = 9p ] && opts="$opts,trans=virtio,version=9p2000.L,msize=262144,cache=loose"
+  mkdir -p "$path" && mount -t "$type" -o "$opts" "$tag" "$path" \
+    || echo "vmpilot-guest: cannot mount the $type share $tag at $path"
+done
+
+# A NIC (user-mode networking): up, and configured by DHCP.
+ip link set lo up
+for dev in /sys/class/net/*; do
+  iface=${dev##*/}
+  [ "$iface" = lo ] && continue
+  ip link set "$iface" up
+  udhcpc -i "$iface" -s /etc/udhcpc.script -q -n -t 5 -T 1 >/dev/null 2>&1 \
+    || echo "vmpilot-guest: no DHCP lease on $iface"
+done
 
 if [ -n "$exitcode" ]; then
   echo "vmpilot-guest: exiting QEMU with code $exitcode"

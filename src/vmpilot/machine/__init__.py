@@ -12,7 +12,7 @@ of their own modules that the faces wire to QEMU's socketpairs.
 """
 
 from .aio import AsyncMachine
-from .config import ConfigError, Drive, MachineConfig, detect_accel
+from .config import ConfigError, Drive, MachineConfig, Share, detect_accel
 from .qtest_machine import QtestMachine
 from .sync import Machine
 
@@ -23,5 +23,6 @@ __all__ = [
     "Machine",
     "MachineConfig",
     "QtestMachine",
+    "Share",
     "detect_accel",
 ]

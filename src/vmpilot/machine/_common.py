@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, TypeVar
 
 from .._util.fds import check_fd
@@ -150,6 +151,24 @@ class Common:
         if isinstance(fdset_id, bool) or not isinstance(fdset_id, int) or fdset_id < 0:
             raise ValueError(f"fdset_id must be an int >= 0, not {fdset_id!r}")
         self._life.preset_fds.append((fd, fdset_id, opaque))
+
+    def _configured_forward(self, guest_port: int) -> int:
+        """The host port configured for `guest_port` (0: QEMU picks; ask it)."""
+        for host, guest in self.config.forwards:
+            if guest == guest_port:
+                return host
+        raise VMError(
+            f"guest port {guest_port} is not forwarded: configure forwards=[(0, {guest_port})]"
+        )
+
+    @staticmethod
+    def _usernet_port(guest_port: int, usernet: object) -> int:
+        """The host port of the TCP forward to `guest_port` in HMP's `info usernet`."""
+        row = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+\S+\s+(\d+)\s+\S+\s+(\d+)\b")
+        for host, guest in row.findall(str(usernet)):
+            if int(guest) == guest_port:
+                return int(host)
+        raise VMError(f"QEMU reports no forward to guest port {guest_port}: {usernet!r}")
 
     def _connected(self, client: _C | None) -> _C:
         if client is None or self._life.state in (State.NEW, State.FAILED):

@@ -139,6 +139,20 @@ class AsyncMachine(AsyncStorage, Common):
         """Events as they arrive (`async for`), each wait bounded by `timeout`."""
         return self.qmp.events(timeout=timeout)
 
+    async def forwarded_port(
+        self, guest_port: int, *, timeout: float | None = COMMAND_TIMEOUT
+    ) -> int:
+        """The host port (on 127.0.0.1) forwarded to `guest_port`: as
+        configured, or, for a 0 in `forwards`, the one QEMU bound (asked of
+        QEMU with HMP `info usernet`: the kernel chose it, so no race)."""
+        host = self._configured_forward(guest_port)
+        if host:
+            return host
+        usernet = await self.execute(
+            "human-monitor-command", {"command-line": "info usernet"}, timeout=timeout
+        )
+        return self._usernet_port(guest_port, usernet)
+
     # -- ending -----------------------------------------------------------
 
     async def shutdown(

@@ -98,6 +98,24 @@ class Drive:
 
 
 @dataclasses.dataclass(frozen=True)
+class Share:
+    """A host directory the guest sees at `guest_path` (default: the same
+    path as on the host). Served by virtiofs where a virtiofsd is installed,
+    else by QEMU's own 9p server (see `virtiofs.transport`); the bundled
+    guest mounts each at boot (read-only when `readonly`)."""
+
+    host_path: str | os.PathLike[str]
+    guest_path: str | None = None
+    readonly: bool = False
+
+    @property
+    def target(self) -> str:
+        """Where the guest mounts it."""
+        return self.guest_path or os.path.abspath(os.fspath(self.host_path))
+
+
+
+@dataclasses.dataclass(frozen=True)
 class Arch:
     """What a guest architecture needs of QEMU when the config does not say."""
 
@@ -168,6 +186,9 @@ class MachineConfig:
     drives: Sequence[Drive] = ()
     devices: Sequence[str | Mapping[str, Any]] = ()
     netdevs: Sequence[str | Mapping[str, Any]] = ()
+    shares: Sequence[Share] = ()  # host directories (virtiofs, else 9p); see `Share`
+    forwards: Sequence[tuple[int, int]] = ()  # (host port or 0, guest port), TCP on 127.0.0.1
+    net: bool = False  # a virtio-net NIC on user-mode networking (implied by `forwards`)
     serial: bool = False
     agent: bool = False  # a virtio-serial port for qemu-ga on a socketpair (vm.agent)
     qtest: bool = False  # a qtest channel on a socketpair (see vmpilot.qtest.QtestMachine)
@@ -250,11 +271,49 @@ class MachineConfig:
                 raise ConfigError(f"drives must be Drive objects, not {drive!r}")
             if not os.path.exists(drive.file):
                 raise ConfigError(f"drive file {os.fspath(drive.file)!r} does not exist")
+        self._validate_shares()
+        self._validate_forwards()
         if isinstance(self.extra_args, str):
             raise ConfigError("extra_args must be a list of arguments, not one string")
         for arg in self.extra_args:
             if not isinstance(arg, str):
                 raise ConfigError(f"extra_args must be strings, not {arg!r}")
+
+    def _validate_shares(self) -> None:
+        targets: set[str] = set()
+        for share in self.shares:
+            if not isinstance(share, Share):
+                raise ConfigError(f"shares must be Share objects, not {share!r}")
+            host = os.fspath(share.host_path)
+            if not os.path.isdir(host):
+                raise ConfigError(f"shared directory {host!r} does not exist")
+            target = share.target
+            if not target.startswith("/") or any(c in target for c in "\0\n"):
+                raise ConfigError(f"guest path {target!r} must be absolute, one line")
+            if os.path.normpath(target) == "/":
+                raise ConfigError(f"a share cannot be mounted over the guest's root: {share!r}")
+            if target in targets:
+                raise ConfigError(f"two shares are mounted at {target!r}")
+            targets.add(target)
+
+    def _validate_forwards(self) -> None:
+        guests: set[int] = set()
+        for fwd in self.forwards:
+            ok = isinstance(fwd, (tuple, list)) and len(fwd) == 2
+            ports = list(fwd) if ok else []
+            if not ok or any(isinstance(p, bool) or not isinstance(p, int) for p in ports):
+                raise ConfigError(f"a forward is (host_port, guest_port), not {fwd!r}")
+            host, guest = ports
+            if not 0 <= host <= 65535 or not 1 <= guest <= 65535:
+                raise ConfigError(f"forward {fwd!r}: host port 0-65535 (0: any), guest 1-65535")
+            if guest in guests:
+                raise ConfigError(f"guest port {guest} is forwarded twice")
+            guests.add(guest)
+
+    @property
+    def wants_net(self) -> bool:
+        """A user-mode NIC is configured (`net=True` or any forward)."""
+        return bool(self.net or self.forwards)
 
     def to_argv(self, accel: str | None = None) -> list[str]:
         """Validate and build the argv (without the channel wiring, which

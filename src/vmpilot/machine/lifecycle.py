@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import AbnormalShutdown, LaunchError
-from . import process
+from . import process, virtiofs
 from .argv import Wiring, build_argv
 from .config import ConfigError, MachineConfig
 from .tempdirs import make_temp_dir
@@ -85,6 +85,7 @@ class Lifecycle:
         self.preset_fds: list[tuple[int, int, str | None]] = []  # -add-fd before launch
         self.kept_log_dir: str | None = None
         self.process: process.QemuProcess | None = None  # the owner of QEMU the process
+        self.virtiofsds: list[virtiofs.Virtiofsd] = []  # reaped by cleanup, after QEMU
         self.crash_reported = False
         self._log_text: str | None = None
         self._console_text: str | None = None
@@ -162,6 +163,8 @@ class Lifecycle:
             if cfg.serial:
                 self.console_path = os.path.join(logs or self.temp_dir, "console.log")
             theirs = {name: pair[1].fileno() for name, pair in pairs.items()}
+            if cfg.shares:
+                self.virtiofsds = virtiofs.start_all(cfg.shares, self.temp_dir)
             wiring = Wiring(
                 qmp_fd=theirs["qmp"],
                 qmp_path=self.qmp_path,
@@ -169,6 +172,7 @@ class Lifecycle:
                 qtest_fd=theirs.get("qtest"),
                 agent_fd=theirs.get("agent"),
                 preset_fds=tuple(self.preset_fds),
+                virtiofs_fds=tuple(d.qemu_fd for d in self.virtiofsds),
             )
             argv = self.argv = build_argv(cfg, self.accel, wiring, qemu)
             log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -189,6 +193,8 @@ class Lifecycle:
         finally:
             for _, far in pairs.values():
                 far.close()
+            for daemon in self.virtiofsds:
+                daemon.release_qemu_end()  # QEMU has its copy
             if log_fd >= 0:
                 os.close(log_fd)
         return {name: ours for name, (ours, _) in pairs.items()}
@@ -205,7 +211,15 @@ class Lifecycle:
             argv=self.argv,
             exit_code=rc if rc is not None and rc >= 0 else None,
             exit_signal=-rc if rc is not None and rc < 0 else None,
-            log=self.log,
+            log=self.log + self.daemon_logs(),
+        )
+
+    def daemon_logs(self) -> str:
+        """What the virtiofsds said (a share's failure shows there, not in QEMU's log)."""
+        return "".join(
+            f"\nvirtiofsd for share {i}:\n{d.log.rstrip()}"
+            for i, d in enumerate(self.virtiofsds)
+            if d.log.strip()
         )
 
     # -- ending -----------------------------------------------------------
@@ -268,6 +282,8 @@ class Lifecycle:
             self.process.close()  # kills and reaps a QEMU still there
             status = process.describe_status(self.process.returncode)
             log.info("%s: QEMU ended (%s); cleaning up", self.label, status)
+        for daemon in self.virtiofsds:  # they exit once QEMU's end is closed
+            daemon.close()
         self._log_text = self._read_log(self.log_path)
         self._console_text = self._read_log(self.console_path)
         if self.temp_dir is not None:
