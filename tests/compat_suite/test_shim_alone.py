@@ -54,6 +54,12 @@ def test_accelerator_probes_ask_the_binary():
     )
 
 
+def _has_user_networking():
+    out = subprocess.run([QEMU, "-netdev", "help"], capture_output=True, text=True, timeout=60)
+    return "user" in out.stdout.split()
+
+
+@pytest.mark.skipif(not _has_user_networking(), reason="QEMU without user networking (slirp)")
 def test_usernet_hostfwd_port_from_real_hmp_output(workdir):
     with QEMUMachine(QEMU, base_temp_dir=workdir) as vm:
         vm.set_machine("none")
