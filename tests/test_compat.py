@@ -16,8 +16,26 @@ from vmpilot.compat import shim_path
 SUITE = Path(__file__).parent / "compat_suite"
 
 
-def test_in_tree_style_suite_passes_with_the_shim() -> None:
-    env = {**os.environ, "PYTHONPATH": shim_path(), "QEMU_BINARY": QEMU}
+def _poisoned_qemu_tree(root: Path) -> Path:
+    """A stand-in for QEMU's python/ tree, behind the shim on PYTHONPATH:
+    any module of it that gets imported fails, so the suite proves the shim
+    needs nothing of QEMU's (qemu.utils was missing once and fell through)."""
+    for package in ("machine", "qmp", "utils"):
+        (root / "qemu" / package).mkdir(parents=True)
+        (root / "qemu" / package / "__init__.py").write_text(
+            f"raise ImportError('QEMU\\'s own qemu.{package} was imported')\n"
+        )
+    return root
+
+
+def test_in_tree_style_suite_passes_with_the_shim_alone(tmp_path: Path) -> None:
+    poisoned = _poisoned_qemu_tree(tmp_path / "qemu-python")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([shim_path(), str(poisoned)]),
+        "QEMU_BINARY": QEMU,
+        "VMPILOT_SHIM": shim_path(),
+    }
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:vmpilot", "-p", "no:asyncio",
          "-c", str(SUITE / "pytest.ini"), str(SUITE)],

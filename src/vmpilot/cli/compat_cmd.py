@@ -15,7 +15,7 @@ def _path(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compat",
-        help="the qemu.machine / qemu.qmp.legacy compatibility shim",
+        help="the qemu.machine / qemu.qmp.legacy / qemu.utils compatibility shim",
         description="vmpilot can stand in for QEMU's in-tree Python library. Opt in with "
         'PYTHONPATH="$(vmpilot compat path):$PYTHONPATH".',
     )

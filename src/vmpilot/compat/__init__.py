@@ -1,9 +1,10 @@
-"""Drop-in compatibility with QEMU's in-tree `qemu.machine` and
-`qemu.qmp.legacy`, implemented on vmpilot.
+"""Drop-in compatibility with QEMU's in-tree Python library (`qemu.machine`,
+`qemu.qmp.legacy`, `qemu.utils`, 7.2 to 10.x), implemented on vmpilot.
 
 Opt in by putting `shim_path()` (printed by `vmpilot compat path`) first on
-PYTHONPATH: it holds `qemu/machine` and `qemu/qmp` packages that re-export
-this package's classes. Nothing is shadowed unless you do that.
+PYTHONPATH: it holds `qemu/machine`, `qemu/qmp` and `qemu/utils` packages that
+re-export this package's code, so QEMU's test suites need nothing of QEMU's
+`python/` tree. Nothing is shadowed unless you do that.
 """
 
 from __future__ import annotations

@@ -42,12 +42,34 @@ class QMPBadPortError(QMPError):
     """A `host:port` address with a bad port."""
 
 
+class ErrorInfo:
+    """The `error` member of a QMP error reply (`qemu.qmp.models.ErrorInfo`)."""
+
+    def __init__(self, class_: str, desc: str) -> None:
+        self.class_ = class_
+        self.desc = desc
+
+
+class ErrorResponse:
+    """A QMP error reply, parsed (`qemu.qmp.models.ErrorResponse`)."""
+
+    def __init__(self, error: ErrorInfo, id: object = None) -> None:
+        self.error = error
+        self.id = id
+
+
 class ExecuteError(CommandError):
-    """The new-era `cmd()` error; also a vmpilot `CommandError`."""
+    """The new-era `cmd()` error (`qemu.qmp.qmp_client.ExecuteError`: `error_class`,
+    `error`, `sent`, `received`); also a vmpilot `CommandError`."""
 
     def __init__(self, error: CommandError) -> None:
         super().__init__(error.command, error.arguments, error.error_class, error.desc)
         self.error_response = {"error": {"class": error.error_class, "desc": error.desc}}
+        self.error = ErrorResponse(ErrorInfo(error.error_class, error.desc))
+        self.sent: QMPMessage = {"execute": error.command}
+        if error.arguments:
+            self.sent["arguments"] = error.arguments
+        self.received: QMPMessage = self.error_response
 
 
 def event_dict(event: Event) -> QMPMessage:

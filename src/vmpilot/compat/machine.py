@@ -190,6 +190,7 @@ class QEMUMachine:
         self._console_pair: tuple[socket.socket, socket.socket] | None = None
         self._console_socket: socket.socket | None = None
         self._console_drain: _ConsoleDrain | None = None
+        self._console_file: socket.SocketIO | None = None
         self._console_address = f"{self._name}.con"  # kept for code that reads it
         self._user_fds: list[int] = []  # add_fd(): passed on every launch
         self._launch_fds: list[int] = []  # our socketpair ends, per launch
@@ -218,6 +219,11 @@ class QEMUMachine:
     @property
     def args(self) -> list[str]:
         return self._args
+
+    @property
+    def binary(self) -> str:
+        """The QEMU binary (QEMU 9.0+)."""
+        return self._binary
 
     def set_machine(self, machine_type: str) -> None:
         self._machine = machine_type
@@ -407,6 +413,18 @@ class QEMUMachine:
     def _qmp_args(cls, conv_keys: bool, args: dict[str, Any]) -> dict[str, object]:
         return {k.replace("_", "-"): v for k, v in args.items()} if conv_keys else args
 
+    @classmethod
+    def _call_args(
+        cls, args_dict: dict[str, object] | None, conv_keys: bool | None, args: dict[str, Any]
+    ) -> dict[str, object]:
+        """The arguments of `qmp()`/`cmd()`: a dict goes as given, keyword
+        arguments get `_` turned into `-` unless `conv_keys` is False."""
+        if args_dict is not None:
+            if args or conv_keys is not None:
+                raise ValueError("give args_dict or keyword arguments, not both")
+            return args_dict
+        return cls._qmp_args(conv_keys is not False, args)
+
     def qmp(
         self,
         cmd: str,
@@ -415,23 +433,35 @@ class QEMUMachine:
         **args: Any,
     ) -> QMPMessage:
         """Run `cmd`; the whole response message (errors are not raised)."""
-        if args_dict is not None:
-            if args or conv_keys is not None:
-                raise ValueError("qmp(): give args_dict or keyword arguments, not both")
-            args, conv_keys = args_dict, False
-        response = self._qmp.cmd_raw(cmd, self._qmp_args(conv_keys is not False, args))
+        response = self._qmp.cmd_raw(cmd, self._call_args(args_dict, conv_keys, args))
         if cmd == "quit" and "return" in response:
             self._quit_issued = True
         return response
 
+    def cmd(
+        self,
+        cmd: str,
+        args_dict: dict[str, object] | None = None,
+        conv_keys: bool | None = None,
+        **args: Any,
+    ) -> QMPReturnValue:
+        """Run `cmd`; its return value, or raise `ExecuteError`. QEMU 8.2+'s
+        signature: the arguments as a dict (`vm.cmd("blockdev-add", {...})`,
+        sent as given) or as keyword arguments (`_` becomes `-`)."""
+        if isinstance(args_dict, bool):  # cmd(name, False): an old-era conv_keys
+            args_dict, conv_keys = None, args_dict
+        return self._run_command(cmd, self._call_args(args_dict, conv_keys, args))
+
     def command(self, cmd: str, conv_keys: bool = True, **args: Any) -> QMPReturnValue:
-        """Run `cmd`; its return value, or raise (`ExecuteError`)."""
-        result = self._qmp.command(cmd, **self._qmp_args(conv_keys, args))
+        """`cmd` before QEMU 8.2: keyword arguments only, the second positional
+        parameter is `conv_keys`."""
+        return self._run_command(cmd, self._qmp_args(conv_keys, args))
+
+    def _run_command(self, cmd: str, arguments: dict[str, object]) -> QMPReturnValue:
+        result = self._qmp.command(cmd, **arguments)
         if cmd == "quit":
             self._quit_issued = True
         return result
-
-    cmd = command  # the name since QEMU 8.2
 
     def hmp(self, command_line: str) -> QMPMessage:
         """Run an HMP command line; the response message (`return` is its output)."""
@@ -515,6 +545,14 @@ class QEMUMachine:
                 self._console_socket = ours
         return self._console_socket
 
+    @property
+    def console_file(self) -> socket.SocketIO:
+        """The console socket as an unbuffered binary file (QEMU 9.0+)."""
+        if self._console_file is None:
+            self._console_file = self.console_socket.makefile(mode="rb", buffering=0)
+        assert self._console_file is not None
+        return self._console_file
+
     # -- ending -----------------------------------------------------------
 
     def _kill_group(self) -> None:
@@ -530,6 +568,9 @@ class QEMUMachine:
             self._console_socket = None
 
     def _close_console(self) -> None:
+        if self._console_file is not None:
+            self._console_file.close()
+            self._console_file = None
         if self._console_drain is not None:
             self._console_drain.close()
             self._console_drain = None

@@ -4,14 +4,30 @@ use `vmpilot.qmp.AsyncQMPClient`."""
 
 from vmpilot.compat.legacy import ExecuteError, QMPBadPortError, SocketAddrT
 from vmpilot.errors import Disconnected as ConnectError
+from vmpilot.errors import Disconnected as ExecInterruptedError
 from vmpilot.errors import QMPError
 
-__all__ = ["ConnectError", "ExecuteError", "QMPBadPortError", "QMPError", "SocketAddrT"]
+__all__ = [
+    "ConnectError",
+    "ExecInterruptedError",
+    "ExecuteError",
+    "QMPBadPortError",
+    "QMPError",
+    "SocketAddrT",
+]
 
 
-def __getattr__(name: str) -> object:
-    raise ImportError(
-        f"qemu.qmp.{name} is not provided by the vmpilot compatibility shim "
-        f"(only the legacy API is); use vmpilot.qmp.AsyncQMPClient, or drop the shim "
-        f"from PYTHONPATH to use the real qemu.qmp"
-    )
+def _not_provided(module):
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError(
+            f"{module}.{name} is not provided by the vmpilot compatibility shim "
+            f"(only the legacy API is); use vmpilot.qmp.AsyncQMPClient, or drop the shim "
+            f"from PYTHONPATH to use the real qemu.qmp"
+        )
+
+    return __getattr__
+
+
+__getattr__ = _not_provided(__name__)
