@@ -222,8 +222,10 @@ class QEMUMonitorProtocol:
         if not wait:
             with contextlib.suppress(Disconnected):
                 client.poll_events()
-            events = client._events.queue
-            return event_dict(events.popleft()) if events else None
+            try:  # the oldest event already here, if any (a zero timeout waits for nothing)
+                return event_dict(client.wait_event(timeout=0))
+            except (Timeout, Disconnected):
+                return None
         timeout = _wait_seconds(wait)
         try:
             return event_dict(client.wait_event(timeout=timeout))
