@@ -57,7 +57,7 @@ def home_of() -> dict[int, str]:
     homes: dict[int, str] = {}
     for modname in MODULES:
         module = importlib.import_module(modname)
-        for name in public_names(module):
+        for name in sorted(public_names(module), key=lambda n: reading_order(getattr(module, n), n)):
             obj = getattr(module, name)
             if isinstance(obj, (int, float, str, bytes)):
                 continue  # equal constants in two modules are two names, not one object
@@ -75,6 +75,23 @@ def directive_for(obj: Any) -> str:
     return "autodata"
 
 
+def reading_order(obj: Any, name: str) -> tuple[int, str, bool]:
+    """Classes and functions first, each sync class just before its ``Async`` twin;
+    constants and aliases after them; submodules last."""
+    group = 2 if inspect.ismodule(obj) else 0 if callable(obj) else 1
+    return group, name.removeprefix("Async"), name.startswith("Async")
+
+
+def has_private_ancestor(cls: type) -> bool:
+    """Whether `cls` inherits public members from a class the reference does not show
+    (a base in a ``_private`` module, or with a ``_private`` name)."""
+    return any(
+        base.__name__.startswith("_") or "._" in base.__module__
+        for base in cls.__mro__[1:]
+        if base is not object
+    )
+
+
 class VmpilotApi(SphinxDirective):
     required_arguments = 1
 
@@ -84,7 +101,7 @@ class VmpilotApi(SphinxDirective):
         homes = home_of()
         lines = [f".. automodule:: {modname}", "   :no-members:", ""]
         elsewhere = []
-        for name in public_names(module):
+        for name in sorted(public_names(module), key=lambda n: reading_order(getattr(module, n), n)):
             obj = getattr(module, name)
             home = homes.get(id(obj), modname)
             if home != modname:
@@ -94,8 +111,10 @@ class VmpilotApi(SphinxDirective):
             lines.append(f".. {kind}:: {modname}.{name}")
             if kind in ("autoclass", "autoexception", "automodule"):
                 lines.append("   :members:")
-            if kind in ("autoclass", "autoexception"):
-                lines.append("   :show-inheritance:")
+            if kind == "autoexception":
+                lines.append("   :show-inheritance:")  # the error tree is part of the API
+            if kind == "autoclass" and has_private_ancestor(obj):
+                lines.append("   :inherited-members:")  # e.g. Machine's state, pid, log
             lines.append("")
         if elsewhere:
             lines += ["", ".. rubric:: Also exported here", "", *elsewhere, ""]
