@@ -33,7 +33,7 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
-autodoc_default_options = {"undoc-members": False}
+autodoc_default_options = {"undoc-members": True}
 
 html_theme = "furo"
 html_title = f"vmpilot {release}"
