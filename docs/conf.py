@@ -33,6 +33,15 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
+# Show the aliases by name (explained on the API index page), not their expansions.
+autodoc_type_aliases = {
+    "Within": "Within",
+    "TimeoutArg": "TimeoutArg",
+    "Address": "Address",
+    "_transport.Address": "Address",
+    "PatternArg": "PatternArg",
+    "Patterns": "Patterns",
+}
 autodoc_default_options = {"undoc-members": True}
 
 html_theme = "furo"

@@ -57,7 +57,7 @@ def home_of() -> dict[int, str]:
     homes: dict[int, str] = {}
     for modname in MODULES:
         module = importlib.import_module(modname)
-        for name in sorted(public_names(module), key=lambda n: reading_order(getattr(module, n), n)):
+        for name in sorted(public_names(module), key=lambda n: reading_order(module, n)):
             obj = getattr(module, name)
             if isinstance(obj, (int, float, str, bytes)):
                 continue  # equal constants in two modules are two names, not one object
@@ -75,11 +75,18 @@ def directive_for(obj: Any) -> str:
     return "autodata"
 
 
-def reading_order(obj: Any, name: str) -> tuple[int, str, bool]:
-    """Classes and functions first, each sync class just before its ``Async`` twin;
-    constants and aliases after them; submodules last."""
-    group = 2 if inspect.ismodule(obj) else 0 if callable(obj) else 1
-    return group, name.removeprefix("Async"), name.startswith("Async")
+def reading_order(module: ModuleType, name: str) -> tuple[int, str, bool]:
+    """The faces first (a class with an ``Async`` twin, then the twin), then the other
+    classes and functions, then constants and aliases, submodules last."""
+    obj = getattr(module, name)
+    base = name.removeprefix("Async")
+    if inspect.ismodule(obj):
+        group = 3
+    elif inspect.isclass(obj) and hasattr(module, "Async" + base) and hasattr(module, base):
+        group = 0
+    else:
+        group = 1 if callable(obj) else 2
+    return group, base, name.startswith("Async")
 
 
 def has_private_ancestor(cls: type) -> bool:
@@ -101,7 +108,7 @@ class VmpilotApi(SphinxDirective):
         homes = home_of()
         lines = [f".. automodule:: {modname}", "   :no-members:", ""]
         elsewhere = []
-        for name in sorted(public_names(module), key=lambda n: reading_order(getattr(module, n), n)):
+        for name in sorted(public_names(module), key=lambda n: reading_order(module, n)):
             obj = getattr(module, name)
             home = homes.get(id(obj), modname)
             if home != modname:
