@@ -75,6 +75,12 @@ def directive_for(obj: Any) -> str:
     return "autodata"
 
 
+def summary(obj: Any) -> str:
+    """The first paragraph of `obj`'s docstring, on one line."""
+    doc = inspect.getdoc(obj) or ""
+    return " ".join(doc.split("\n\n", 1)[0].split())
+
+
 def reading_order(module: ModuleType, name: str) -> tuple[int, str, bool]:
     """The faces first (a class with an ``Async`` twin, then the twin), then the other
     classes and functions, then constants and aliases, submodules last."""
@@ -112,7 +118,7 @@ class VmpilotApi(SphinxDirective):
             obj = getattr(module, name)
             home = homes.get(id(obj), modname)
             if home != modname:
-                elsewhere.append(f"- ``{modname}.{name}``: see :py:obj:`{home}.{name}`")
+                elsewhere.append(f"- :py:obj:`{name} <{home}.{name}>` ({home}): {summary(obj)}")
                 continue
             kind = directive_for(obj)
             lines.append(f".. {kind}:: {modname}.{name}")
@@ -124,7 +130,8 @@ class VmpilotApi(SphinxDirective):
                 lines.append("   :inherited-members:")  # e.g. Machine's state, pid, log
             lines.append("")
         if elsewhere:
-            lines += ["", ".. rubric:: Also exported here", "", *elsewhere, ""]
+            lines += ["", f".. rubric:: Exported by ``{modname}``, documented in their modules", ""]
+            lines += [*elsewhere, ""]
         content = StringList(lines, source=f"<vmpilot-api {modname}>")
         container = nodes.section()
         container.document = self.state.document
