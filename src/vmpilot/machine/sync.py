@@ -110,6 +110,7 @@ class Machine(Common):
         *,
         timeout: float | None = COMMAND_TIMEOUT,
     ) -> Any:
+        """Run QMP command `name` on this VM; its `return` value, or `CommandError`."""
         return self.qmp.execute(name, arguments, timeout=timeout)
 
     def add_fd(
@@ -139,9 +140,11 @@ class Machine(Common):
         *,
         timeout: float | None = COMMAND_TIMEOUT,
     ) -> Event:
+        """The oldest event matching `name` and `match` (see `QMPClient.wait_event`)."""
         return self.qmp.wait_event(name, match, timeout=timeout)
 
     def events(self, *, timeout: float | None = COMMAND_TIMEOUT) -> Iterator[Event]:
+        """Events as they arrive, each wait bounded by `timeout`."""
         return self.qmp.events(timeout=timeout)
 
     # -- ending -----------------------------------------------------------
