@@ -213,44 +213,57 @@ class Qtest:
         return self._run(_clock_step(self._core, ns))
 
     def clock_set(self, ns: int) -> int:
+        """Set the virtual clock to `ns` nanoseconds; returns the clock QEMU reports."""
         return self._run(_number(self._core, "clock_set", ns))
 
     # memory
     def readb(self, addr: int) -> int:
+        """The 8-bit value at guest physical address `addr`."""
         return self._run(_number(self._core, "readb", hex(addr)))
 
     def readw(self, addr: int) -> int:
+        """The 16-bit value at guest physical address `addr`."""
         return self._run(_number(self._core, "readw", hex(addr)))
 
     def readl(self, addr: int) -> int:
+        """The 32-bit value at guest physical address `addr`."""
         return self._run(_number(self._core, "readl", hex(addr)))
 
     def readq(self, addr: int) -> int:
+        """The 64-bit value at guest physical address `addr`."""
         return self._run(_number(self._core, "readq", hex(addr)))
 
     def writeb(self, addr: int, value: int) -> None:
+        """Store the 8-bit `value` at guest physical address `addr`."""
         self._run(_done(self._core, "writeb", hex(addr), hex(value)))
 
     def writew(self, addr: int, value: int) -> None:
+        """Store the 16-bit `value` at guest physical address `addr`."""
         self._run(_done(self._core, "writew", hex(addr), hex(value)))
 
     def writel(self, addr: int, value: int) -> None:
+        """Store the 32-bit `value` at guest physical address `addr`."""
         self._run(_done(self._core, "writel", hex(addr), hex(value)))
 
     def writeq(self, addr: int, value: int) -> None:
+        """Store the 64-bit `value` at guest physical address `addr`."""
         self._run(_done(self._core, "writeq", hex(addr), hex(value)))
 
     def read(self, addr: int, size: int) -> bytes:
+        """`size` bytes of guest physical memory from `addr`."""
         return self._run(_read_bytes(self._core, addr, size))
 
     def write(self, addr: int, data: bytes) -> None:
+        """Write `data` into guest physical memory at `addr`."""
         self._run(_write_bytes(self._core, addr, data))
 
     # I/O ports
     def inb(self, port: int) -> int:
+        """The byte read from I/O port `port`."""
         return self._run(_number(self._core, "inb", hex(port)))
 
     def outb(self, port: int, value: int) -> None:
+        """Write the byte `value` to I/O port `port`."""
         self._run(_done(self._core, "outb", hex(port), hex(value)))
 
     # interrupts
@@ -263,6 +276,7 @@ class Qtest:
         return self._core.proto.irq_levels.get(line, False)
 
     def close(self) -> None:
+        """Close the qtest socket (a second call does nothing)."""
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
@@ -318,42 +332,55 @@ class AsyncQtest:
         return await self._run(_clock_step(self._core, ns))
 
     async def clock_set(self, ns: int) -> int:
+        """Set the virtual clock to `ns` nanoseconds; returns the clock QEMU reports."""
         return await self._run(_number(self._core, "clock_set", ns))
 
     async def readb(self, addr: int) -> int:
+        """The 8-bit value at guest physical address `addr`."""
         return await self._run(_number(self._core, "readb", hex(addr)))
 
     async def readw(self, addr: int) -> int:
+        """The 16-bit value at guest physical address `addr`."""
         return await self._run(_number(self._core, "readw", hex(addr)))
 
     async def readl(self, addr: int) -> int:
+        """The 32-bit value at guest physical address `addr`."""
         return await self._run(_number(self._core, "readl", hex(addr)))
 
     async def readq(self, addr: int) -> int:
+        """The 64-bit value at guest physical address `addr`."""
         return await self._run(_number(self._core, "readq", hex(addr)))
 
     async def writeb(self, addr: int, value: int) -> None:
+        """Store the 8-bit `value` at guest physical address `addr`."""
         await self._run(_done(self._core, "writeb", hex(addr), hex(value)))
 
     async def writew(self, addr: int, value: int) -> None:
+        """Store the 16-bit `value` at guest physical address `addr`."""
         await self._run(_done(self._core, "writew", hex(addr), hex(value)))
 
     async def writel(self, addr: int, value: int) -> None:
+        """Store the 32-bit `value` at guest physical address `addr`."""
         await self._run(_done(self._core, "writel", hex(addr), hex(value)))
 
     async def writeq(self, addr: int, value: int) -> None:
+        """Store the 64-bit `value` at guest physical address `addr`."""
         await self._run(_done(self._core, "writeq", hex(addr), hex(value)))
 
     async def read(self, addr: int, size: int) -> bytes:
+        """`size` bytes of guest physical memory from `addr`."""
         return await self._run(_read_bytes(self._core, addr, size))
 
     async def write(self, addr: int, data: bytes) -> None:
+        """Write `data` into guest physical memory at `addr`."""
         await self._run(_write_bytes(self._core, addr, data))
 
     async def inb(self, port: int) -> int:
+        """The byte read from I/O port `port`."""
         return await self._run(_number(self._core, "inb", hex(port)))
 
     async def outb(self, port: int, value: int) -> None:
+        """Write the byte `value` to I/O port `port`."""
         await self._run(_done(self._core, "outb", hex(port), hex(value)))
 
     async def irq_intercept_in(self, qom_path: str) -> None:
@@ -365,6 +392,7 @@ class AsyncQtest:
         return self._core.proto.irq_levels.get(line, False)
 
     def close(self) -> None:
+        """Close the qtest socket (a second call does nothing)."""
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()

@@ -55,10 +55,12 @@ def clean(output: bytes) -> str:
 
 
 def wait_ready_plan(con: ConsoleBase, prompt: str, deadline: Deadline) -> Plan[None]:
+    """The plan of `wait_ready`: until `prompt` appears (a kernel panic fails it)."""
     yield from console_plans.expect(con, prompt, [PANIC], deadline)
 
 
 def run_plan(con: ConsoleBase, command: str, deadline: Deadline) -> Plan[tuple[int, str]]:
+    """The plan of `run`: type one command line between markers; its exit status and output."""
     token = secrets.token_hex(6)
     begin, end = _markers(token)
     yield Call("_send", (_script(command, token) + "\n").encode())
@@ -68,6 +70,7 @@ def run_plan(con: ConsoleBase, command: str, deadline: Deadline) -> Plan[tuple[i
 
 
 def check_plan(con: ConsoleBase, command: str, deadline: Deadline) -> Plan[str]:
+    """The plan of `check`: the output of `run`, or `GuestError` on a non-zero exit status."""
     status, output = yield from run_plan(con, command, deadline)
     if status != 0:
         raise GuestError(f"{command!r} exited with {status} in the guest:\n{output}")

@@ -106,6 +106,7 @@ class AsyncMachine(AsyncStorage, Common):
         *,
         timeout: float | None = COMMAND_TIMEOUT,
     ) -> Any:
+        """Run QMP command `name` on this VM; its `return` value, or `CommandError`."""
         return await self.qmp.execute(name, arguments, timeout=timeout)
 
     async def add_fd(
@@ -133,6 +134,7 @@ class AsyncMachine(AsyncStorage, Common):
         *,
         timeout: float | None = COMMAND_TIMEOUT,
     ) -> Event:
+        """The oldest event matching `name` and `match` (see `QMPClient.wait_event`)."""
         return await self.qmp.wait_event(name, match, timeout=timeout)
 
     def events(self, *, timeout: float | None = COMMAND_TIMEOUT) -> Any:

@@ -111,6 +111,7 @@ class Machine(SyncStorage, Common):
         *,
         timeout: float | None = COMMAND_TIMEOUT,
     ) -> Any:
+        """Run QMP command `name` on this VM; its `return` value, or `CommandError`."""
         return self.qmp.execute(name, arguments, timeout=timeout)
 
     def add_fd(
@@ -140,9 +141,11 @@ class Machine(SyncStorage, Common):
         *,
         timeout: float | None = COMMAND_TIMEOUT,
     ) -> Event:
+        """The oldest event matching `name` and `match` (see `QMPClient.wait_event`)."""
         return self.qmp.wait_event(name, match, timeout=timeout)
 
     def events(self, *, timeout: float | None = COMMAND_TIMEOUT) -> Iterator[Event]:
+        """Events as they arrive, each wait bounded by `timeout`."""
         return self.qmp.events(timeout=timeout)
 
     def forwarded_port(self, guest_port: int, *, timeout: float | None = COMMAND_TIMEOUT) -> int:
