@@ -167,10 +167,10 @@ class ClientBase:
         return self._core.late_replies
 
     def _deadline(self, timeout: TimeoutArg) -> Deadline:
+        if timeout is CLIENT_TIMEOUT or timeout is ...:  # the common case first
+            return Deadline(self.timeout)
         if isinstance(timeout, Deadline):
             return timeout
-        if timeout is CLIENT_TIMEOUT or timeout is ...:
-            return Deadline(self.timeout)
         return Deadline(timeout)  # type: ignore[arg-type]
 
     def _log_sent(self, data: bytes) -> None:

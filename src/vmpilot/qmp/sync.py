@@ -243,14 +243,25 @@ class QMPClient(ClientBase):
         deadline: Deadline,
         name: str,
     ) -> Reply | ErrorReply:
-        id_: int = self._send(encode, fds, deadline, name)
-        replies = self._replies
+        if fds:
+            id_: int = self._send(encode, fds, deadline, name)
+            self._mutex.acquire()
+        else:
+            id_ = self._send_held(encode, deadline, name)
+        # `_mutex` is held from here: the reply may be waited for at once
+        try:
+            reply = self._replies.pop(id_, None)
+            if reply is not None:
+                return reply
+            replies = self._replies
 
-        def arrived() -> Reply | ErrorReply | None:
-            return replies.pop(id_, None)
+            def arrived() -> Reply | ErrorReply | None:
+                return replies.pop(id_, None)
 
-        reply = self._await(arrived, deadline, lambda: f"the reply to {name!r}", True)
-        return cast("Reply | ErrorReply", reply)
+            found = self._wait(arrived, deadline, lambda: f"the reply to {name!r}", True)
+            return cast("Reply | ErrorReply", found)
+        finally:
+            self._mutex.release()
 
     def poll_events(self) -> None:
         """Read whatever QEMU has already sent (events), without waiting."""
@@ -260,6 +271,50 @@ class QMPClient(ClientBase):
                     return
 
     # -- sending ----------------------------------------------------------
+
+    def _send_held(
+        self, encode: Callable[[], tuple[int, bytes]], deadline: Deadline, name: str
+    ) -> int:
+        """`_send` for a message without fds, returning with `_mutex` held.
+        The common case (no other sender, the kernel takes it all) costs one
+        non-blocking send under the state lock and no more lock traffic; any
+        other case goes the way of `_send`."""
+        mutex = self._mutex
+        send_lock = self._send_lock
+        mutex.acquire()
+        if not send_lock.acquire(False):
+            mutex.release()
+            id_: int = self._send(encode, (), deadline, name)
+            mutex.acquire()
+            return id_
+        try:
+            sock = self._sock
+            if sock is None:
+                raise self._gone(f"sending {name!r}")
+            id_, data = encode()
+        except BaseException:
+            send_lock.release()
+            mutex.release()
+            raise
+        if traffic.isEnabledFor(_DEBUG):
+            self._log_sent(data)
+        try:
+            sent = sock.send(data, socket.MSG_DONTWAIT)  # never blocks: fine under the lock
+        except OSError:
+            sent = -1  # the slow path retries and reports it
+        if sent == len(data):
+            send_lock.release()
+            return id_
+        self._users += 1  # the rest goes without `_mutex`, as in `_send`
+        mutex.release()
+        try:
+            self._send_bytes(sock, data, (), deadline, name, id_, max(sent, 0))
+        finally:
+            with mutex:
+                self._leave()
+            send_lock.release()
+        mutex.acquire()
+        return id_
 
     def _send(
         self,
@@ -351,34 +406,44 @@ class QMPClient(ClientBase):
         breaks the connection (a command sent was left without its reply, so
         the stream can no longer be trusted)."""
         with self._mutex:
-            waited = drained = False
-            while True:
-                found = check()
-                if found is not None:
-                    return found
-                if self._sock is None:
-                    raise self._gone(what(), waited)
-                remaining = deadline.remaining()
-                if remaining == 0:
-                    if not drained and not self._reading:
-                        drained = True  # once: what the kernel already holds has arrived
-                        self._read(0)
-                        continue
-                    awaited = what()
-                    if fatal:
-                        self._lost(
-                            f"no answer within {deadline.timeout:g} s while waiting for {awaited}"
-                        )
-                    raise Timeout(awaited, deadline.timeout)
-                if self._reading:
-                    self._followers += 1
-                    try:
-                        self._cond.wait(remaining)
-                    finally:
-                        self._followers -= 1
-                else:
-                    self._read(remaining)
-                waited = True
+            return self._wait(check, deadline, what, fatal)
+
+    def _wait(
+        self,
+        check: Callable[[], _T | None],
+        deadline: Deadline,
+        what: Callable[[], str],
+        fatal: bool,
+    ) -> _T:
+        """`_await` with `_mutex` already held."""
+        waited = drained = False
+        while True:
+            found = check()
+            if found is not None:
+                return found
+            if self._sock is None:
+                raise self._gone(what(), waited)
+            remaining = deadline.remaining()
+            if remaining == 0:
+                if not drained and not self._reading:
+                    drained = True  # once: what the kernel already holds has arrived
+                    self._read(0)
+                    continue
+                awaited = what()
+                if fatal:
+                    self._lost(
+                        f"no answer within {deadline.timeout:g} s while waiting for {awaited}"
+                    )
+                raise Timeout(awaited, deadline.timeout)
+            if self._reading:
+                self._followers += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._followers -= 1
+            else:
+                self._read(remaining)
+            waited = True
 
     def _read(self, remaining: float | None) -> bool:
         """As the reader: wait for data for `remaining` seconds (None: no
