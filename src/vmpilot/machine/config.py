@@ -114,7 +114,6 @@ class Share:
         return self.guest_path or os.path.abspath(os.fspath(self.host_path))
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """What a guest architecture needs of QEMU when the config does not say."""
