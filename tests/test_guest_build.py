@@ -97,3 +97,21 @@ def test_two_processes_building_at_once_build_once(tmp_path: Path, linux_guest: 
     assert sum(out.count("progress: building") for out in outs) == 1
     guests = tmp_path / "vmpilot" / "guest"
     assert [p.name for p in guests.iterdir() if p.name.startswith(".build-")] == []
+
+
+def test_deb_extraction_needs_dpkg_deb_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """.debs are read through Debian's dpkg-deb only; without it the error names it."""
+    from vmpilot.guest import deb
+
+    pkg = deb.Package("busybox-static", "x.deb", 0, "sha256", "0" * 64)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(deb.PackageError, match="dpkg-deb"):
+        deb.extract(deb.Deb(pkg, b"!<arch>\n"), lambda p: True)
+
+
+def test_deb_extraction_refuses_a_file_that_is_no_package() -> None:
+    from vmpilot.guest import deb
+
+    pkg = deb.Package("busybox-static", "x.deb", 0, "sha256", "0" * 64)
+    with pytest.raises(deb.PackageError, match=r"x\.deb"):
+        deb.extract(deb.Deb(pkg, b"this is not an ar archive"), lambda p: True)

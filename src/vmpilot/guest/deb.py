@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
 import hashlib
-import io
-import lzma
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from typing import IO
 
 from ..errors import PackageError as PackageError  # defined with every error, in errors.py
 from . import private
@@ -148,47 +145,42 @@ def fetch(packages: Iterable[str], cache: str, apt: Sequence[str] = ()) -> dict[
     return {p: d for p, d in debs.items() if d is not None}
 
 
-def _data_member(deb: Deb) -> tuple[str, bytes]:
-    """The data.tar.* member of a .deb (an `ar` archive)."""
-    f = io.BytesIO(deb.data)
-    label = deb.package.filename
-    if f.read(8) != b"!<arch>\n":
-        raise PackageError(f"{label} is not a Debian package")
-    while True:
-        header = f.read(60)
-        if len(header) < 60:
-            raise PackageError(f"{label} has no data.tar member")
-        name = header[:16].decode().strip().rstrip("/")
-        size = int(header[48:58])
-        if name.startswith("data.tar"):
-            return name, f.read(size)
-        f.seek(size + size % 2, os.SEEK_CUR)
-
-
 def extract(deb: Deb, want: Callable[[str], bool]) -> dict[str, bytes]:
-    """{path: content} of the regular files in `deb` for which `want(path)`."""
-    name, data = _data_member(deb)
-    stream: IO[bytes]
-    if name.endswith(".xz"):
-        stream = lzma.LZMAFile(io.BytesIO(data))  # noqa: SIM115 (closed by the tarfile)
-    elif name.endswith(".gz"):
-        stream = gzip.GzipFile(fileobj=io.BytesIO(data))  # type: ignore[assignment]
-    elif name.endswith(".zst"):  # no zstd in Python before 3.14: the zstd tool decompresses
-        try:
-            proc = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=False)
-        except FileNotFoundError as exc:
-            raise PackageError(f"{deb.package.filename} needs the zstd tool") from exc
-        if proc.returncode != 0:
-            raise PackageError(f"zstd cannot read {deb.package.filename}: {proc.stderr[-500:]!r}")
-        stream = io.BytesIO(proc.stdout)
-    else:
-        stream = io.BytesIO(data)
+    """{path: content} of the regular files in `deb` for which `want(path)`.
+
+    Debian's own `dpkg-deb --fsys-tarfile` unpacks the package (every
+    compression dpkg knows: xz, gzip, zstd), from the verified bytes written
+    to a private file; its tar stream is read here in memory, so nothing of
+    the package is ever written out as files, let alone run."""
+    dpkg_deb = shutil.which("dpkg-deb")
+    if dpkg_deb is None:
+        raise PackageError(
+            f"reading {deb.package.filename} needs dpkg-deb (Debian's dpkg package), "
+            "which is not on PATH"
+        )
     found: dict[str, bytes] = {}
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            path = member.name.removeprefix("./")
-            if member.isfile() and want(path):
-                f = tar.extractfile(member)
-                if f is not None:
-                    found[path] = f.read()
+    with tempfile.NamedTemporaryFile(prefix="deb-", suffix=".deb") as f:  # 0600
+        f.write(deb.data)
+        f.flush()
+        with subprocess.Popen(
+            [dpkg_deb, "--fsys-tarfile", f.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            try:
+                with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                    for member in tar:
+                        path = member.name.removeprefix("./")
+                        if member.isfile() and want(path):
+                            data = tar.extractfile(member)
+                            if data is not None:
+                                found[path] = data.read()
+            except tarfile.TarError as exc:
+                proc.kill()
+                raise PackageError(f"cannot read {deb.package.filename}: {exc}") from exc
+            finally:
+                proc.stdout.close()
+                err = proc.stderr.read()
+            if proc.wait() != 0:
+                said = err.decode(errors="replace")[-500:]
+                raise PackageError(f"dpkg-deb cannot read {deb.package.filename}: {said}")
     return found
