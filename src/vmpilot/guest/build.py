@@ -56,6 +56,9 @@ MODULES = [
     ("virtio", "kernel/drivers/virtio/virtio_pci_modern_dev.ko"),
     ("virtio", "kernel/drivers/virtio/virtio_pci.ko"),
     ("virtio", "kernel/drivers/char/virtio_console.ko"),
+    # CONFIG_PVPANIC=y is only the menu: the ISA device's driver is a module
+    ("panic", "kernel/drivers/misc/pvpanic/pvpanic.ko"),
+    ("panic", "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko"),
 ]
 
 # /bin/ioport-exit N: ioperm(0xf4) + outb(N, 0xf4), for isa-debug-exit. The
@@ -115,6 +118,9 @@ class GuestImage:
             agent=self.agent,
         )
         values.update(overrides)
+        # pvpanic: a panic is reported as GUEST_PANICKED (with the guest's own devices too)
+        devices = list(values.get("devices", ()))
+        values["devices"] = devices if "pvpanic" in devices else ["pvpanic", *devices]
         return MachineConfig(**values)
 
 

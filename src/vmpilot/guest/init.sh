@@ -33,6 +33,7 @@ done
 groups=""
 [ "$pd" != none ] && groups="power"
 grep -qs 0x1af4 /sys/bus/pci/devices/*/vendor && groups="$groups virtio"
+[ -e /sys/bus/acpi/devices/QEMU0001:00 ] && groups="$groups panic"  # -device pvpanic
 while read -r group module; do
   case " $groups " in *" $group "*) insmod "/lib/modules/$module.ko" 2>/dev/null ;; esac
 done </etc/modules

@@ -5,6 +5,7 @@ coroutine primitives of `_AsyncIO`."""
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from collections.abc import Mapping
 from types import TracebackType
@@ -29,7 +30,7 @@ from ._common import (
     configured,
     make_config,
 )
-from ._plans import FINISH_TIMEOUT, Method
+from ._plans import FINISH_TIMEOUT, VERDICT_EVENTS, Method
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 
@@ -209,7 +210,22 @@ class _AsyncIO:
             vm._qtest = AsyncQtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
         vm._qmp = AsyncQMPClient(socks["qmp"])
+        vm._qmp.add_listener(life.record_event, VERDICT_EVENTS)
         life.on_cleanup.insert(0, vm._qmp.close)
+        life.on_cleanup.insert(0, self._read_last_events)
+
+    def _read_last_events(self) -> None:
+        """QEMU's exit may be noticed before the loop read its last events
+        (why it stopped): dispatch what is already there, without waiting."""
+        qmp = self.vm._qmp
+        if qmp is None or self.life.returncode is None:  # still running (abandon): none are last
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # abandon() from another thread: the client is not ours to drive
+            return
+        while (sock := qmp._sock) is not None and select.select([sock], [], [], 0)[0]:
+            qmp._on_readable()  # one read; EOF closes the client and ends the loop
 
     def _stop_watching(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.life.pidfd >= 0:

@@ -3,6 +3,7 @@ of `_plans`, run by `_util.plan.run` with the blocking primitives of `_SyncIO`."
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
@@ -14,6 +15,7 @@ from .._util.deadline import Deadline
 from .._util.plan import run
 from ..console import Console
 from ..qga import GuestAgent
+from ..errors import QMPError
 from ..qmp import Event, QMPClient
 from ..qmp.events import NameFilter
 from ..qtest import Qtest
@@ -29,7 +31,7 @@ from ._common import (
     configured,
     make_config,
 )
-from ._plans import FINISH_TIMEOUT, Method
+from ._plans import FINISH_TIMEOUT, VERDICT_EVENTS, Method
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 
@@ -214,7 +216,18 @@ class _SyncIO:
             vm._qtest = Qtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
         vm._qmp = QMPClient(socks["qmp"])
+        vm._qmp.add_listener(life.record_event, VERDICT_EVENTS)
         life.on_cleanup.insert(0, vm._qmp.close)
+        life.on_cleanup.insert(0, self._read_last_events)
+
+    def _read_last_events(self) -> None:
+        """QEMU's last events (why it stopped) are unread when nobody was
+        waiting on QMP: read them before the connection closes."""
+        qmp = self.vm._qmp
+        if qmp is None or self.life.returncode is None:  # still running (abandon): none are last
+            return
+        with contextlib.suppress(QMPError):
+            qmp.poll_events()  # the listener records them; EOF ends it
 
     def read_greeting(self, deadline: Deadline) -> None:
         assert self.vm._qmp is not None
