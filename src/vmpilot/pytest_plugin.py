@@ -24,7 +24,9 @@ from typing import Any, TypeVar, cast
 import pytest
 
 from . import guest
+from .console.core import visible
 from .machine import AsyncMachine, Machine, MachineConfig
+from .shell import scrub
 
 _VMS = pytest.StashKey[list[Machine | AsyncMachine]]()
 TAIL = 3000
@@ -219,8 +221,10 @@ def pytest_runtest_makereport(
     for i, vm in enumerate(vms):
         label = f"vmpilot VM {i} (pid {vm.pid}, {vm.state})"
         if vm.config.serial:
-            report.sections.append((f"{label}: console (tail)", vm.console_log[-TAIL:]))
-        report.sections.append((f"{label}: QEMU log (tail)", vm.log[-TAIL:] or "(empty)"))
+            # as a person should read it: no shell markers, control characters escaped
+            console = scrub(vm.console_log)[-TAIL:]
+            report.sections.append((f"{label}: console (tail)", console))
+        report.sections.append((f"{label}: QEMU log (tail)", visible(vm.log)[-TAIL:] or "(empty)"))
         paths = [p for p in (vm.log_dir,) if p]
         report.sections.append(
             (f"{label}: full logs", "\n".join(paths) or "(not kept: see --vmpilot-keep-logs)")
