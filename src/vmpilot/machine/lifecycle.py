@@ -295,16 +295,17 @@ class Lifecycle:
 
     def guest_error(self) -> AbnormalShutdown | None:
         """`GuestPanicked` for a panicked guest, `GuestReset` for a reset under
-        `no_reboot` (QEMU exited instead): once, like a crash. A reset with a
-        panic on the console is a panic (a guest without pvpanic, `panic=-1`)."""
+        `no_reboot` (QEMU exited instead): once, like a crash. A panic is what
+        QEMU reported (pvpanic) or what the console showed: a `shutdown()` may
+        overtake pvpanic, a guest without it resets (`panic=-1`) or hangs."""
+        console = self.console_log
+        panic = panic_line(console)
         with self._lock:
             reason = self.shutdown_reason
             reset = reason == "guest-reset" and self.config.no_reboot
-            if self.verdict_reported or not (reason == "guest-panic" or reset):
+            if self.verdict_reported or not (reason == "guest-panic" or reset or panic):
                 return None
             self.verdict_reported = True
-        console = self.console_log
-        panic = panic_line(console)
         how = "GUEST_PANICKED" if self.guest_panicked else f"SHUTDOWN reason {reason}"
         tail = visible(console[-TAIL:]).rstrip()
         shown = f"\nconsole (tail):\n{tail}" if tail else ""

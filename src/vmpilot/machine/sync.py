@@ -14,8 +14,8 @@ from typing import Any
 from .._util.deadline import Deadline
 from .._util.plan import run
 from ..console import Console
-from ..qga import GuestAgent
 from ..errors import QMPError
+from ..qga import GuestAgent
 from ..qmp import Event, QMPClient
 from ..qmp.events import NameFilter
 from ..qtest import Qtest
