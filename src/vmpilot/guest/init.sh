@@ -80,6 +80,17 @@ fi
 
 [ -n "$run" ] && sh -c "$run"
 
+# vmpilot.cmd=B64 (`vmpilot run -- CMD`): run the base64-encoded script B64
+# instead of the shell, the console its controlling tty (Ctrl-C reaches CMD),
+# then power off; the script reports CMD's exit status itself.
+cmd=$(sed -n 's/.*vmpilot\.cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$cmd" ]; then
+  echo "$cmd" | base64 -d >/tmp/vmpilot-cmd.sh
+  setsid cttyhack sh /tmp/vmpilot-cmd.sh
+  sync
+  poweroff -f
+fi
+
 echo "vmpilot-guest: ready, kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime)s"
 export PS1='guest# '
 while :; do
