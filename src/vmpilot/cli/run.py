@@ -206,7 +206,8 @@ class _Stream:
         self.pending = b""
         self.started = False
         self.status: int | None = None
-        self.hold = len(self.end.pattern) + 8
+        self.prefix = b"\nVMPRUN-E" + token.encode() + b" "
+        self.hold = len(self.prefix) + 4  # the marker up to its status (0-255)
 
     def feed(self, chunk: bytes) -> None:
         if self.status is not None:
@@ -227,9 +228,23 @@ class _Stream:
             self.pending = b""
             os.write(self.wake, b"e")
             return
-        keep = min(len(self.pending), self.hold)
+        keep = self._partial_end()
         self.out(self.pending[: len(self.pending) - keep])
         self.pending = self.pending[len(self.pending) - keep :]
+
+    def _partial_end(self) -> int:
+        """How many trailing bytes may be the start of the end marker (so the
+        rest streams now, even a prompt without a newline)."""
+        at = self.pending.rfind(b"\n", max(0, len(self.pending) - self.hold))
+        if at < 0:
+            return 0
+        tail = self.pending[at:]
+        head = self.prefix[: len(tail)]
+        if tail.startswith(head) and (
+            len(tail) <= len(self.prefix) or tail[len(self.prefix) :].isdigit()
+        ):
+            return len(tail)
+        return 0
 
     def flush(self) -> None:
         """The guest ended without CMD's status: what was held back is output."""
