@@ -133,7 +133,7 @@ def test_stream_holds_back_a_split_marker() -> None:
     r, w = os.pipe()
     try:
         stream = _Stream("abcd", out.append, w)
-        data = b"boot noise VMPRUN-Babcd\nhello\nworld\nVMPRUN-Eabcd 3\nafter"
+        data = b"boot noise VMPRUN-Babcd\nhello\nworldVMPRUN-Eabcd 3\nafter"
         for i in range(0, len(data), 5):  # every marker split across chunks
             stream.feed(data[i : i + 5])
         assert b"".join(out) == b"hello\nworld" and stream.status == 3
@@ -152,10 +152,10 @@ def test_stream_passes_short_output_at_once() -> None:
         assert b"".join(out) == b"first\n"  # not held back waiting for more output
         stream.feed(b"Password: ")
         assert b"".join(out) == b"first\nPassword: "
-        stream.feed(b"\nVMPRUN-E")  # may be the end marker: held
-        assert b"".join(out) == b"first\nPassword: "
+        stream.feed(b"x\nVMPRUN-E")  # may be the end marker: held
+        assert b"".join(out) == b"first\nPassword: x\n"
         stream.feed(b"abcd 0\n")
-        assert stream.status == 0 and b"".join(out) == b"first\nPassword: "
+        assert stream.status == 0 and b"".join(out) == b"first\nPassword: x\n"
     finally:
         os.close(r)
         os.close(w)

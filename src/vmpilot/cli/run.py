@@ -190,7 +190,7 @@ def _script(command: list[str], token: str, cwd: str | None) -> str:
     if cwd is not None:
         lines.append(f"cd {shlex.quote(cwd)} || exit 1")
     lines.append(shlex.join(command))
-    lines.append(f"printf '\\nVMPRUN-E%s %d\\n' {token} $?")
+    lines.append(f"printf 'VMPRUN-E%s %d\\n' {token} $?")  # right after CMD's last byte
     return "\n".join(lines) + "\n"
 
 
@@ -200,13 +200,13 @@ class _Stream:
 
     def __init__(self, token: str, out: Callable[[bytes], None], wake: int) -> None:
         self.begin = f"VMPRUN-B{token}\n".encode()
-        self.end = re.compile(rb"\nVMPRUN-E" + token.encode() + rb" (\d+)\n")
+        self.end = re.compile(rb"VMPRUN-E" + token.encode() + rb" (\d+)\n")
         self.out = out
         self.wake = wake  # a pipe: written when CMD starts and ends
         self.pending = b""
         self.started = False
         self.status: int | None = None
-        self.prefix = b"\nVMPRUN-E" + token.encode() + b" "
+        self.prefix = b"VMPRUN-E" + token.encode() + b" "
         self.hold = len(self.prefix) + 4  # the marker up to its status (0-255)
 
     def feed(self, chunk: bytes) -> None:
@@ -233,17 +233,13 @@ class _Stream:
         self.pending = self.pending[len(self.pending) - keep :]
 
     def _partial_end(self) -> int:
-        """How many trailing bytes may be the start of the end marker (so the
-        rest streams now, even a prompt without a newline)."""
-        at = self.pending.rfind(b"\n", max(0, len(self.pending) - self.hold))
-        if at < 0:
-            return 0
-        tail = self.pending[at:]
-        head = self.prefix[: len(tail)]
-        if tail.startswith(head) and (
-            len(tail) <= len(self.prefix) or tail[len(self.prefix) :].isdigit()
-        ):
-            return len(tail)
+        """How many trailing bytes may be the start of the end marker: only
+        those wait for more; the rest (a line, a prompt) streams now."""
+        for k in range(min(len(self.pending), self.hold), 0, -1):
+            tail = self.pending[-k:]
+            n = min(k, len(self.prefix))
+            if tail[:n] == self.prefix[:n] and (k <= n or tail[n:].isdigit()):
+                return k
         return 0
 
     def flush(self) -> None:
