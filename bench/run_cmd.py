@@ -40,7 +40,7 @@ def raw_argv(image: guest.GuestImage) -> list[str]:
     """What vmpilot boots, with the console on a null UART and no QMP."""
     script = _script(["true"], "0123456789abcdef", None)
     options = "vmpilot.cmd=" + base64.b64encode(script.encode()).decode()
-    return build_argv(image.config(options=options), "tcg", qemu=QEMU) + ["-serial", "null"]
+    return [*build_argv(image.config(options=options), "tcg", qemu=QEMU), "-serial", "null"]
 
 
 def raw(argv: list[str]) -> float:
