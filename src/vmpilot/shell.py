@@ -36,7 +36,7 @@ TAIL = 2000  # console output shown in the shell's errors
 # the markers as they appear on the console: the echoed script, and its output
 _ECHO = re.compile(
     r"printf 'VMP''B([0-9a-f]+)\\n'; eval (.*?); printf '\\nVMP''E\1 %d\\n' \$\?"
-    r"|printf 'VMP''S[0-9a-f]+\\n'"
+    r"|printf 'VMP''[^\n]*"  # a fragment: the resync line typed over an interrupted one
 )
 _MARK = re.compile(r"VMP[BS][0-9a-f]+\r?\n|\r?\nVMPE[0-9a-f]+ \d+(?=\r?\n)")
 
@@ -80,7 +80,7 @@ def scrub(text: str) -> str:
     """Console output as a person should see it: the shell's markers gone
     (the typed command shows as itself), control characters escaped."""
     text = text.replace("\r\r\n", "")  # where busybox wrapped the echoed line at 80 columns
-    return visible(_MARK.sub("", _ECHO.sub(_unquote, text)))
+    return visible(_MARK.sub("", _ECHO.sub(_unquote, text)).replace("\r\n", "\n"))
 
 
 def clean(output: bytes) -> str:

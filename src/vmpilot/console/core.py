@@ -26,15 +26,14 @@ ANSI = re.compile(rb"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[()][A-Za-z0-9]|[=>78cDEHM])")
 
 # A kernel panic, as the kernel prints it (at a line start, maybe after a
 # printk timestamp): an echoed command line that mentions it does not match.
-PANIC = re.compile(rb"(?m)^(?:\[[ \d.]+\] )?Kernel panic - not syncing[^\r\n]*")
+PANIC = re.compile(rb"(?m)^(?:\[[ \d.]+\] )?Kernel panic - not syncing: [^\r\n]*")
 
 
 def visible(data: bytes | str) -> str:
     """Console output as text with control characters escaped (`\\x1b`), so
     that a terminal showing it never acts on them (busybox's `ESC[6n` would
-    make it answer into the user's next prompt); line ends become `\\n`."""
+    make it answer into the user's next prompt)."""
     text = data.decode(errors="replace") if isinstance(data, bytes) else data
-    text = text.replace("\r\n", "\n")
     return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if m[0] != "\r" else "\\r", text)
 
 
