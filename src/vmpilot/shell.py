@@ -36,7 +36,8 @@ TAIL = 2000  # console output shown in the shell's errors
 # the markers as they appear on the console: the echoed script, and its output
 _ECHO = re.compile(
     r"printf 'VMP''B([0-9a-f]+)\\n'; eval (.*?); printf '\\nVMP''E\1 %d\\n' \$\?"
-    r"|printf 'VMP''[^\n]*"  # a fragment: the resync line typed over an interrupted one
+    # a fragment: the resync line, typed over the interrupted one, echoed cut short
+    r"|printf 'VMP[^\n]*|printf 'V?M?(?=\r?\n)"
 )
 _MARK = re.compile(r"VMP[BS][0-9a-f]+\r?\n|\r?\nVMPE[0-9a-f]+ \d+(?=\r?\n)")
 
