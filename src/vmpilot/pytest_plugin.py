@@ -30,7 +30,9 @@ from typing import Any, TypeVar, cast
 import pytest
 
 from . import guest
+from .console.core import visible
 from .machine import AsyncMachine, Machine, MachineConfig
+from .shell import scrub
 from .snapshot_fixture import snapshot_vm as snapshot_vm  # a fresh guest per test, by revert
 from .snapshot_fixture import vmpilot_fresh_vm as vmpilot_fresh_vm
 
@@ -287,8 +289,10 @@ def pytest_runtest_makereport(
     for i, vm in enumerate(vms):
         label = f"vmpilot VM {i} (pid {vm.pid}, {vm.state})"
         if vm.config.serial:
-            report.sections.append((f"{label}: console (tail)", vm.console_log[-TAIL:]))
-        report.sections.append((f"{label}: QEMU log (tail)", vm.log[-TAIL:] or "(empty)"))
+            # as a person should read it: no shell markers, control characters escaped
+            console = scrub(vm.console_log)[-TAIL:]
+            report.sections.append((f"{label}: console (tail)", console))
+        report.sections.append((f"{label}: QEMU log (tail)", visible(vm.log)[-TAIL:] or "(empty)"))
         paths = [p for p in (vm.log_dir,) if p]
         report.sections.append(
             (f"{label}: full logs", "\n".join(paths) or "(not kept: see --vmpilot-keep-logs)")

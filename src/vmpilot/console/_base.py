@@ -10,7 +10,7 @@ import socket
 from collections.abc import Callable
 
 from ..errors import ConsoleClosed
-from .core import ConsoleBuffer, PatternArg
+from .core import PANIC, ConsoleBuffer, PatternArg
 
 log = logging.getLogger("vmpilot.console")
 
@@ -27,7 +27,9 @@ class ConsoleBase:
             else -1
         )
         self.closed_reason: str | None = None
-        self.fail_patterns: list[PatternArg] = []
+        # seen first by any expect(), these fail it at once; a kernel panic by
+        # default (`GuestPanicked`): waiting on a panicked guest only times out
+        self.fail_patterns: list[PatternArg] = [PANIC]
         # called with every chunk as it arrives (from the reader), e.g. to
         # mirror the console on a terminal; expect() still sees everything
         self.listeners: list[Callable[[bytes], object]] = []

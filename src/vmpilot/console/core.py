@@ -24,10 +24,23 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 ANSI = re.compile(rb"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[()][A-Za-z0-9]|[=>78cDEHM])")
 
 
-def visible(data: bytes) -> str:
-    """Console bytes as text with control characters made visible."""
-    text = data.decode(errors="replace")
+# A kernel panic, as the kernel prints it (at a line start, maybe after a
+# printk timestamp): an echoed command line that mentions it does not match.
+PANIC = re.compile(rb"(?m)^(?:\[[ \d.]+\] )?Kernel panic - not syncing: [^\r\n]*")
+
+
+def visible(data: bytes | str) -> str:
+    """Console output as text with control characters escaped (`\\x1b`), so
+    that a terminal showing it never acts on them (busybox's `ESC[6n` would
+    make it answer into the user's next prompt)."""
+    text = data.decode(errors="replace") if isinstance(data, bytes) else data
     return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if m[0] != "\r" else "\\r", text)
+
+
+def panic_line(text: str) -> str:
+    """The kernel's last panic line in console output ("" if there is none)."""
+    found = PANIC.findall(text.encode(errors="replace"))
+    return found[-1].decode(errors="replace").strip() if found else ""
 
 
 def compile_pattern(pattern: PatternArg) -> re.Pattern[bytes]:

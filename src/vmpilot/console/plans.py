@@ -17,20 +17,20 @@ import time
 
 from .._util.deadline import Deadline
 from .._util.plan import Call, Plan
-from ..errors import ConsoleClosed, ExpectTimeout, GuestError
+from ..errors import ConsoleClosed, ExpectTimeout, GuestError, GuestPanicked
 from ._base import ConsoleBase
-from .core import Match, Patterns, compile_all, compile_pattern, describe, visible
+from .core import PANIC, Match, Patterns, compile_all, compile_pattern, describe, visible
 
 
 def expect(
     con: ConsoleBase, patterns: Patterns, fail: Patterns | None, deadline: Deadline
 ) -> Plan[Match]:
     """The first of `patterns` (consumed up to its end); `GuestError` at once
-    for a fail pattern, `ConsoleClosed` once the console closes."""
+    for a fail pattern (`GuestPanicked` for the default one, `core.PANIC`),
+    `ConsoleClosed` once the console closes."""
     pats = compile_all(patterns)
-    fails = [compile_pattern(p) for p in con.fail_patterns]
-    if fail is not None:
-        fails += compile_all(fail)
+    fails = compile_all(fail) if fail is not None else []  # the caller's first (on a tie)
+    fails += [compile_pattern(p) for p in con.fail_patterns]
     label = describe(patterns)
     buf = con._buf
     scanned = buf.scanned_before
@@ -41,6 +41,9 @@ def expect(
             if index >= len(pats):
                 seen = visible(m[0])
                 buf.consume(m.end())
+                if fails[index - len(pats)] is PANIC:
+                    why = con._failure(f"the guest kernel panicked ({seen})", label, None)
+                    raise GuestPanicked(why, panic=seen, console_tail=con.tail())
                 raise GuestError(con._failure(f"failure pattern matched {seen!r}", label, None))
             match = Match(index, m, bytes(buf.data[: m.start()]))
             buf.consume(m.end())

@@ -166,6 +166,9 @@ class GuestImage:
             agent=self.agent,
         )
         values.update(overrides)
+        # pvpanic: a panic is reported as GUEST_PANICKED (with the guest's own devices too)
+        devices = list(values.get("devices", ()))
+        values["devices"] = devices if "pvpanic" in devices else ["pvpanic", *devices]
         return MachineConfig(**values)
 
 

@@ -42,6 +42,8 @@ if [ -d "/lib/modules/$(uname -r)" ]; then
   modprobe -qa $(modalias /sys/bus/pci/devices/*/modalias /sys/bus/platform/devices/*/modalias)
   modprobe -qa $(modalias /sys/bus/virtio/devices/*/modalias)
   ls /sys/class/scsi_host/ 2>/dev/null | grep -q . && modprobe -qa sd_mod sr_mod
+  # -device pvpanic (ACPI QEMU0001): a panic is reported to QEMU (GUEST_PANICKED)
+  [ -e /sys/bus/acpi/devices/QEMU0001:00 ] && modprobe -qa pvpanic-mmio
 fi
 
 # Host directories: virtiofs, or 9p (trans=virtio), each at its path.
@@ -143,6 +145,17 @@ if [ -x /usr/sbin/qemu-ga ]; then
 fi
 
 [ -n "$run" ] && sh -c "$run"
+
+# vmpilot.cmd=B64 (`vmpilot run -- CMD`): run the base64-encoded script B64
+# instead of the shell, the console its controlling tty (Ctrl-C reaches CMD),
+# then power off; the script reports CMD's exit status itself.
+cmd=$(sed -n 's/.*vmpilot\.cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$cmd" ]; then
+  echo "$cmd" | base64 -d >/tmp/vmpilot-cmd.sh
+  setsid cttyhack sh /tmp/vmpilot-cmd.sh
+  sync
+  poweroff -f
+fi
 
 echo "vmpilot-guest: ready, kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime)s"
 export PS1='guest# '

@@ -43,6 +43,9 @@ WANTED = (
     "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
     "kernel/net/9p/9pnet_virtio.ko",  # the 9p share transport, for kernels that have 9p
     "kernel/fs/9p/9p.ko",
+    # CONFIG_PVPANIC=y is only the menu: the ISA device's driver is a module
+    "kernel/drivers/misc/pvpanic/pvpanic.ko",
+    "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko",
 )
 _SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 

@@ -82,6 +82,15 @@ class Common:
         return self._life.exit_signal
 
     @property
+    def shutdown_reason(self) -> str | None:
+        """Why QEMU stopped, as it said: its `SHUTDOWN` event's reason
+        (`guest-shutdown`, `host-qmp-quit`, `guest-reset`, ...), or `guest-panic`
+        once `GUEST_PANICKED` came. None while it runs, or if it said nothing
+        (killed). A panic, or a reset under `no_reboot`, makes `wait()` and
+        `shutdown()` raise `GuestPanicked` / `GuestReset`."""
+        return self._life.shutdown_reason
+
+    @property
     def crashed(self) -> bool:
         """QEMU died by a signal vmpilot did not send (SIGSEGV, SIGABRT, ...)."""
         return self._life.crashed

@@ -30,6 +30,8 @@ METHODS = ("quit", "powerdown")
 DRAIN_TIMEOUT = 1.0  # QEMU gone: reading the rest of what it sent, up to its end of stream
 FINISH_TIMEOUT = 10.0  # QEMU's exit after SIGKILL (only a stuck kernel delays it)
 log = logging.getLogger("vmpilot.machine")
+# what the faces' QMP listener hands to `Lifecycle.record_event`
+VERDICT_EVENTS = ("SHUTDOWN", "GUEST_PANICKED")
 EXIT_GRACE = 5.0  # QMP hung up during launch: how long QEMU gets to exit (its error is in its log)
 
 
@@ -109,7 +111,8 @@ def shutdown(life: Lifecycle, method: Method, deadline: Deadline) -> Plan[None]:
 
 
 def wait(life: Lifecycle, deadline: Deadline) -> Plan[int | None]:
-    """For a VM exiting by itself: its exit code; not gone in time → killed, raise."""
+    """For a VM exiting by itself: its exit code; not gone in time → killed,
+    raise; a guest that panicked (or reset under no_reboot) → raise."""
     if life.state in (State.NEW, State.FAILED):
         return life.exit_code
     if life.state is not State.STOPPED:
@@ -142,6 +145,7 @@ def _finish() -> Plan[None]:
 
 
 def _raise_unreported_crash(life: Lifecycle) -> None:
-    err = life.crash_error()
+    """QEMU crashed, or the guest panicked or reset (`Lifecycle.verdict`)."""
+    err = life.verdict()
     if err is not None:
         raise err

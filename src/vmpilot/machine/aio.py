@@ -29,7 +29,7 @@ from ._common import (
     configured,
     make_config,
 )
-from ._plans import FINISH_TIMEOUT, Method
+from ._plans import FINISH_TIMEOUT, VERDICT_EVENTS, Method
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 from .storage import AsyncStorage
@@ -226,6 +226,7 @@ class _AsyncIO:
             vm._qtest = AsyncQtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
         vm._qmp = AsyncQMPClient(socks["qmp"], name=name)
+        vm._qmp.add_listener(life.record_event, VERDICT_EVENTS)  # why QEMU stopped
         life.on_cleanup.insert(0, self._close_qmp)
 
     def _close_qmp(self) -> None:
@@ -233,8 +234,8 @@ class _AsyncIO:
         client's `quit` answered, SHUTDOWN) before closing."""
         qmp = self.vm._qmp
         assert qmp is not None
-        if self.life.returncode is not None:
-            qmp._read_to_end()
+        if self.life.returncode is not None and _loop_running():
+            qmp._read_to_end()  # not from abandon() in another thread: the client is the loop's
         qmp.close()
 
     def _stop_watching(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -274,3 +275,11 @@ class _AsyncIO:
         if life.returncode is None:
             life.reap(timeout=FINISH_TIMEOUT)
         life.cleanup()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -18,7 +18,9 @@ import tempfile
 import threading
 from collections.abc import Callable
 
-from ..errors import AbnormalShutdown, LaunchError
+from ..console.core import panic_line, visible
+from ..errors import AbnormalShutdown, GuestPanicked, GuestReset, LaunchError
+from ..qmp import Event
 from . import process, virtiofs
 from .argv import Wiring, build_argv
 from .config import ConfigError, MachineConfig
@@ -87,6 +89,9 @@ class Lifecycle:
         self.process: process.QemuProcess | None = None  # the owner of QEMU the process
         self.virtiofsds: list[virtiofs.Virtiofsd] = []  # reaped by cleanup, after QEMU
         self.crash_reported = False
+        self.shutdown_reason: str | None = None  # QEMU's SHUTDOWN reason; "guest-panic" sticks
+        self.guest_panicked = False  # GUEST_PANICKED came
+        self.verdict_reported = False
         self._log_text: str | None = None
         self._console_text: str | None = None
         self._lock = threading.RLock()
@@ -319,6 +324,45 @@ class Lifecycle:
             return self._console_text
         return self._read_log(self.console_path)
 
+    # -- the verdict on the guest ------------------------------------------
+
+    def record_event(self, event: Event) -> None:
+        """Note why QEMU stops (a QMP listener of both faces calls this)."""
+        with self._lock:
+            if event.name == "GUEST_PANICKED":
+                self.guest_panicked = True
+                self.shutdown_reason = "guest-panic"
+            elif event.name == "SHUTDOWN" and self.shutdown_reason != "guest-panic":
+                self.shutdown_reason = str(event.data.get("reason", "")) or None
+
+    def guest_error(self) -> AbnormalShutdown | None:
+        """`GuestPanicked` for a panicked guest, `GuestReset` for a reset under
+        `no_reboot` (QEMU exited instead): once, like a crash. A panic is what
+        QEMU reported (pvpanic) or what the console showed: a `shutdown()` may
+        overtake pvpanic, a guest without it resets (`panic=-1`) or hangs."""
+        console = self.console_log
+        panic = panic_line(console)
+        with self._lock:
+            reason = self.shutdown_reason
+            reset = reason == "guest-reset" and self.config.no_reboot
+            if self.verdict_reported or not (reason == "guest-panic" or reset or panic):
+                return None
+            self.verdict_reported = True
+        how = "GUEST_PANICKED" if self.guest_panicked else f"SHUTDOWN reason {reason}"
+        tail = visible(console[-TAIL:]).rstrip()
+        shown = f"\nconsole (tail):\n{tail}" if tail else ""
+        if reason == "guest-panic" or panic:
+            return GuestPanicked(
+                f"the guest kernel panicked: {panic or '(no panic text on the console)'}"
+                f" (QEMU: {how}){shown}",
+                panic=panic, console_tail=tail, reason=reason or "",
+            )  # fmt: skip
+        return GuestReset(f"the guest reset itself under no_reboot (QEMU: {how}){shown}")
+
+    def verdict(self) -> AbnormalShutdown | None:
+        """What went wrong that nobody was told about yet: QEMU crashed, or the guest."""
+        return self.crash_error() or self.guest_error()
+
     def abnormal(self, what: str, cause: BaseException | None) -> AbnormalShutdown:
         tail = self.log.rstrip()[-TAIL:]
         text = f"{what}; QEMU was killed ({process.describe_status(self.returncode)})"
@@ -333,7 +377,7 @@ class Lifecycle:
         exited with status 0 without being killed."""
         if cause is not None:
             raise self.abnormal(what, cause)
-        err = self.crash_error()
+        err = self.verdict()
         if err is not None:
             raise err
         if self.exit_code not in (None, 0):

@@ -29,7 +29,7 @@ from ._common import (
     configured,
     make_config,
 )
-from ._plans import DRAIN_TIMEOUT, FINISH_TIMEOUT, Method
+from ._plans import DRAIN_TIMEOUT, FINISH_TIMEOUT, VERDICT_EVENTS, Method
 from .config import MachineConfig
 from .lifecycle import Lifecycle, State
 from .storage import SyncStorage
@@ -230,6 +230,7 @@ class _SyncIO:
             vm._qtest = Qtest(socks["qtest"], f"qtest of {name}")
             life.on_cleanup.append(vm._qtest.close)
         vm._qmp = QMPClient(socks["qmp"], name=name)
+        vm._qmp.add_listener(life.record_event, VERDICT_EVENTS)  # why QEMU stopped
         life.on_cleanup.insert(0, self._close_qmp)
 
     def _close_qmp(self) -> None:
