@@ -164,7 +164,7 @@ class QtestClosed(ChannelClosed):
 
 
 class JobError(VMError):
-    """A QEMU job (block job, blockdev-create, snapshot-*) ended in error;
+    """A QEMU job (block job, `blockdev-create`, `snapshot-*`) ended in error;
     `job_id` names it, `error` is QEMU's own text."""
 
     def __init__(self, job_id: str, error: str, *, job_type: str = "", status: str = "") -> None:
