@@ -26,7 +26,11 @@ from sphinx.util.nodes import nested_parse_with_titles
 MODULES = (
     "vmpilot.errors",
     "vmpilot.qmp",
+    "vmpilot.qmp.mux",
     "vmpilot.machine",
+    "vmpilot.machine.jobs",
+    "vmpilot.machine.migration",
+    "vmpilot.machine.snapshots",
     "vmpilot.console",
     "vmpilot.shell",
     "vmpilot.qga",
@@ -36,8 +40,21 @@ MODULES = (
 )
 
 
+# Modules without ``__all__`` whose other top-level names are their machinery, not for
+# users: the names the reference shows (what a Machine's methods return or default to).
+CHOSEN = {
+    "vmpilot.qmp.mux": ("QMPServer", "serve", "MAX_MESSAGE", "MAX_BACKLOG"),
+    "vmpilot.machine.jobs": ("Job", "JOB_TIMEOUT", "CANCEL_TIMEOUT", "PROGRESS_INTERVAL"),
+    "vmpilot.machine.migration": ("MigrationResult", "MIGRATE_TIMEOUT", "FD_NAME"),
+    "vmpilot.machine.snapshots": ("SNAPSHOT_TIMEOUT", "STATE_NODE"),
+}
+
+
 def public_names(module: ModuleType) -> list[str]:
-    """What `module` exports: its ``__all__``, else what it defines without a leading ``_``."""
+    """What `module` exports: the names ``CHOSEN`` for it, its ``__all__``, else what it
+    defines without a leading ``_``."""
+    if module.__name__ in CHOSEN:
+        return list(CHOSEN[module.__name__])
     declared = getattr(module, "__all__", None)
     if declared is not None:
         return [n for n in declared if n != "__version__"]
