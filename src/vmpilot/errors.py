@@ -109,6 +109,24 @@ class GuestError(VMError):
     """The guest (console, agent) did not behave as expected."""
 
 
+class GuestPanicked(AbnormalShutdown, GuestError):
+    """The guest kernel panicked: never a success. `panic` is the kernel's
+    panic line (when the console saw it), `console_tail` the console's last
+    output (control characters escaped), `reason` why QEMU stopped (its
+    `SHUTDOWN` reason, or `guest-panic` for `GUEST_PANICKED`; "" while running)."""
+
+    def __init__(self, message: str, *, panic: str = "", console_tail: str = "", reason: str = ""):
+        super().__init__(message)
+        self.panic = panic
+        self.console_tail = console_tail
+        self.reason = reason
+
+
+class GuestReset(AbnormalShutdown):
+    """The guest reset itself under `no_reboot` (QEMU exited instead), with no
+    panic seen: a triple fault or a `reboot` where an exit was expected."""
+
+
 class PackageError(GuestError):
     """A Debian package (for the bundled guest) could not be resolved, fetched or read."""
 
