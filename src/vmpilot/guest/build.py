@@ -166,9 +166,12 @@ class GuestImage:
             agent=self.agent,
         )
         values.update(overrides)
-        # pvpanic: a panic is reported as GUEST_PANICKED (with the guest's own devices too)
+        # pvpanic (ISA, x86): a panic is reported as GUEST_PANICKED (with the guest's own
+        # devices too). On aarch64's virt board the console's panic line is the evidence.
         devices = list(values.get("devices", ()))
-        values["devices"] = devices if "pvpanic" in devices else ["pvpanic", *devices]
+        if self.arch == "x86_64" and "pvpanic" not in devices:
+            devices.insert(0, "pvpanic")
+        values["devices"] = devices
         return MachineConfig(**values)
 
 
