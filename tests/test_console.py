@@ -221,3 +221,42 @@ def test_search_cost_does_not_grow_with_the_buffer() -> None:
         buf.search([Spy()], scanned)  # type: ignore[list-item]
         scanned = buf.total
     assert max(seen) <= 4096 + buf.window
+
+
+def test_follow_gives_what_is_held_then_every_chunk_once() -> None:
+    """`follow` (used by `vmpilot run -- CMD`): the unconsumed buffer first,
+    then each chunk as it comes; none missed or seen twice, on both faces."""
+    import socket
+
+    from vmpilot.console import AsyncConsole, Console
+
+    ours, peer = socket.socketpair()
+    con = Console(ours)
+    try:
+        seen: list[bytes] = []
+        peer.sendall(b"before\n")
+        con.expect(re.compile(rb"bef(?=ore\n)"), timeout=10)  # "ore\n" stays held
+        con.follow(seen.append)
+        peer.sendall(b"after")
+        con.expect("after", timeout=10)  # listeners run before expect sees the chunk
+        assert b"".join(seen) == b"ore\nafter"
+    finally:
+        con.close()
+        peer.close()
+
+    async def main() -> bytes:
+        ours, peer = socket.socketpair()
+        con = AsyncConsole(ours)
+        try:
+            seen: list[bytes] = []
+            peer.sendall(b"before\n")
+            await con.expect(re.compile(rb"bef(?=ore\n)"), timeout=10)
+            con.follow(seen.append)
+            peer.sendall(b"after")
+            await con.expect("after", timeout=10)
+            return b"".join(seen)
+        finally:
+            con.close()
+            peer.close()
+
+    assert run_async(main()) == b"ore\nafter"

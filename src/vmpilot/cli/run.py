@@ -267,9 +267,7 @@ def _run_command(args: argparse.Namespace, command: list[str]) -> int:
     try:
         vm.launch()
         console = vm.console
-        with console._cond:  # the reader feeds under this lock: no chunk missed or seen twice
-            console.listeners.append(stream.feed)
-            stream.feed(bytes(console._buf.data))
+        console.follow(stream.feed)  # what came before, then every chunk: none missed or twice
         stdin = sys.stdin.fileno()
         with _raw_terminal(stdin) as raw:
             how = _pump_command(vm, stdin, raw, wake_r, stream)

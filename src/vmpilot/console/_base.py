@@ -43,6 +43,19 @@ class ConsoleBase:
         """The last ~2 KiB received, control characters made visible."""
         return self._buf.tail()
 
+    def follow(self, listener: Callable[[bytes], object]) -> None:
+        """Call `listener` with what the console holds now (not yet consumed
+        by `expect`), then with every chunk as it arrives — atomically with
+        the reader, so no chunk is missed or seen twice. For mirroring a
+        guest's output from a known point (e.g. `vmpilot run -- CMD`)."""
+        with self._feeding():
+            listener(bytes(self._buf.data))
+            self.listeners.append(listener)
+
+    def _feeding(self) -> contextlib.AbstractContextManager[object]:
+        """Held while the reader feeds the buffer (a face with a reader thread locks)."""
+        return contextlib.nullcontext()
+
     def send_line(self, line: str | bytes) -> None:
         """Type `line` and Enter."""
         self.send(_encode(line) + b"\n")

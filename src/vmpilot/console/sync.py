@@ -78,6 +78,9 @@ class Console(ConsoleBase):
 
     # -- primitives the plans call ------------------------------------------
 
+    def _feeding(self) -> contextlib.AbstractContextManager[object]:
+        return self._cond  # the reader feeds the buffer under this lock
+
     def _perform(self, plan: Plan[T]) -> T:
         with self._cond:  # the reader feeds the buffer under this lock
             return run(plan, self)
