@@ -115,3 +115,34 @@ def test_deb_extraction_refuses_a_file_that_is_no_package() -> None:
     pkg = deb.Package("busybox-static", "x.deb", 0, "sha256", "0" * 64)
     with pytest.raises(deb.PackageError, match=r"x\.deb"):
         deb.extract(deb.Deb(pkg, b"this is not an ar archive"), lambda p: True)
+
+
+def test_apt_answers_are_reused_only_while_apt_state_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached guest starts without asking apt again (two apt runs were most
+    of `vmpilot run -- true`'s overhead), but any change to apt's state or
+    configuration asks again."""
+    from vmpilot.guest import deb
+
+    calls: list[list[str]] = []
+    real = deb._run
+
+    def counting(argv: list[str], cwd: str | None = None) -> str:
+        calls.append(argv)
+        return real(argv, cwd)
+
+    monkeypatch.setattr(deb, "_run", counting)
+    extra = tmp_path / "extra.list"
+    extra.write_text("")
+    opts = [f"-oDir::Etc::SourceList={extra}"]  # a file apt reads, that this test may change
+    for _ in range(2):
+        with deb.remembered(str(tmp_path)):
+            first = deb.resolve("linux-image-cloud-amd64", opts)
+    assert len(calls) == 1
+    extra.write_text("# changed\n")
+    os.utime(extra, ns=(1, 1))  # a different mtime and size: apt's state changed
+    with deb.remembered(str(tmp_path)):
+        assert deb.resolve("linux-image-cloud-amd64", opts) == first
+    assert len(calls) == 2
+    assert oct((tmp_path / "apt-answers.json").stat().st_mode & 0o777) == "0o600"

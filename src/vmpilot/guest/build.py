@@ -256,7 +256,7 @@ def build(
     guests = os.path.join(root, "guest")
     debs_dir = os.path.join(root, "debs")
     t0 = time.monotonic()
-    with private.locked(os.path.join(root, "guest.lock")):
+    with private.locked(os.path.join(root, "guest.lock")), deb.remembered(root):
         apt: list[str] = []
         if arch != platform.machine():
             apt = foreign.prepare(root, spec.deb_arch)
@@ -469,7 +469,7 @@ def for_kernel(
     spec = guest_arch(arch)
     root = private.directory(cache or cache_root(), follow=True)
     kernels = os.path.join(root, "kernels")
-    with private.locked(os.path.join(root, "guest.lock")):
+    with private.locked(os.path.join(root, "guest.lock")), deb.remembered(root):
         private.directory(kernels)
         apt = foreign.prepare(root, spec.deb_arch) if arch != platform.machine() else []
         packages = ["busybox-static"]
