@@ -126,8 +126,8 @@ def test_same_id_from_two_clients_never_collides(vm: Machine, tmp_path: Path) ->
     for _ in range(20):  # both in flight at once, the same id
         a.send({"execute": "query-status", "id": "same"})
         b.send({"execute": "query-name", "id": "same"})
-        assert a.line() == {"return": {"status": "running", "singlestep": False,
-                                       "running": True}, "id": "same"}  # fmt: skip
+        reply = a.line()  # query-status's own fields differ between QEMU versions
+        assert reply["id"] == "same" and reply["return"]["status"] == "running"
         assert b.line() == {"return": {}, "id": "same"}
     a.send({"execute": "query-name"})  # no id: none in the reply, as from QEMU
     assert a.line() == {"return": {}}
