@@ -77,3 +77,14 @@ def test_report_sections_hide_markers_and_escape_controls(
     assert "console (tail)" in out and "echo hello-from-guest" in out
     assert "VMPB" not in out and "VMP''" not in out and "\x1b" not in out
     assert "\\x1b[6n" in out
+
+
+def test_scrub_removes_a_resync_marker_the_tty_wrapped_after_printf() -> None:
+    """Seen in CI: the resync line's echo wrapped right after `printf `."""
+    raw = (
+        "guest# echo started; sleep 100\r\nstarted\r\n"
+        "^Cprintf \r\n'VMP''Sdf4cf7b72ba1\\n'\r\nguest# \r\n"
+    )
+    shown = scrub(raw)
+    assert "VMP" not in shown and "printf" not in shown
+    assert shown == "guest# echo started; sleep 100\nstarted\n^C\n\nguest# \n"

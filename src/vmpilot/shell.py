@@ -38,6 +38,8 @@ _ECHO = re.compile(
     r"printf 'VMP''B([0-9a-f]+)\\n'; eval (.*?); printf '\\nVMP''E\1 %d\\n' \$\?"
     # a fragment: the resync line, typed over the interrupted one, echoed cut short
     r"|printf 'VMP[^\n]*|printf 'V?M?(?=\r?\n)"
+    # ... or wrapped by the tty right after `printf `: its quoted marker alone
+    r"|printf (?=\r?\n'VMP)|'VMP''[BS][0-9a-f]*\\n'"
 )
 _MARK = re.compile(r"VMP[BS][0-9a-f]+\r?\n|\r?\nVMPE[0-9a-f]+ \d+(?=\r?\n)")
 
