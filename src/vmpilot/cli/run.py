@@ -301,17 +301,24 @@ def _pump_command(vm: Machine, stdin: int, raw: bool, wake: int, stream: _Stream
                 vm.console.send(EOF_KEY if last.endswith(b"\n") else EOF_KEY * 2)
                 continue
             last = data
-            if raw:
-                keys, escaped, action = _escapes(data, escaped)
-                if keys:
-                    vm.console.send(keys)
-                if action:
-                    return action
-            else:
-                vm.console.send(data)
+            escaped, action = _type_keys(vm, data, raw, escaped)
+            if action:
+                return action
         except ConsoleClosed:
             return "exited"
     return "done"
+
+
+def _type_keys(vm: Machine, data: bytes, raw: bool, escaped: bool) -> tuple[bool, str]:
+    """Our keys to the guest; in raw mode `Ctrl-]` escapes are taken out.
+    Returns (an escape pending, the action asked for or "")."""
+    if not raw:
+        vm.console.send(data)
+        return escaped, ""
+    keys, escaped, action = _escapes(data, escaped)
+    if keys:
+        vm.console.send(keys)
+    return escaped, action
 
 
 def _escapes(data: bytes, escaped: bool) -> tuple[bytes, bool, str]:
@@ -426,14 +433,9 @@ def _pump(vm: Machine, stdin: int, raw: bool) -> str:
         if not data:
             return "quit"
         try:
-            if raw:
-                keys, escaped, action = _escapes(data, escaped)
-                if keys:
-                    vm.console.send(keys)
-                if action:
-                    return action
-            else:
-                vm.console.send(data)
+            escaped, action = _type_keys(vm, data, raw, escaped)
+            if action:
+                return action
         except ConsoleClosed:
             return "exited"
 

@@ -90,9 +90,7 @@ def save(
     devices: Sequence[str] | None,
     deadline: Deadline,
 ) -> Plan[jobs.Job]:
-    args = yield from _nodes(qmp, state_dir, vmstate, devices, deadline)
-    args["tag"] = name
-    return (yield from jobs.run_job(qmp, "snapshot-save", args, deadline, None, True))
+    return (yield from _snapshot("snapshot-save", qmp, name, state_dir, vmstate, devices, deadline))
 
 
 def load(
@@ -103,9 +101,22 @@ def load(
     devices: Sequence[str] | None,
     deadline: Deadline,
 ) -> Plan[jobs.Job]:
+    return (yield from _snapshot("snapshot-load", qmp, name, state_dir, vmstate, devices, deadline))
+
+
+def _snapshot(
+    command: str,
+    qmp: object,
+    name: str,
+    state_dir: str | None,
+    vmstate: str | None,
+    devices: Sequence[str] | None,
+    deadline: Deadline,
+) -> Plan[jobs.Job]:
+    """snapshot-save and snapshot-load take the same nodes and a tag."""
     args = yield from _nodes(qmp, state_dir, vmstate, devices, deadline)
     args["tag"] = name
-    return (yield from jobs.run_job(qmp, "snapshot-load", args, deadline, None, True))
+    return (yield from jobs.run_job(qmp, command, args, deadline, None, True))
 
 
 def delete(
